@@ -1,0 +1,1 @@
+"""kdpipe: streaming knowledge distillation (library)."""

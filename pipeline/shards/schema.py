@@ -1,0 +1,160 @@
+"""The soft-target columns and their Arrow schema: the in-memory form every encoding shares.
+
+Utterance/image level, one row per key:
+    key        string
+    ids        fixed_size_list<uintN>[k]      top-k class ids, most probable first
+    logprobs   fixed_size_list<float16>[k]    log p(class) at T=1
+    logsumexp  float32                        logsumexp of the logits (logit = logprob + lse)
+    argmax     uintN                          top-1 of the full distribution
+    confidence float16                        max probability of the full distribution
+    entropy    float16                        entropy (nats) of the full distribution
+
+Frame level, one row per key, every per-frame column a list over the T frames:
+    key, num_frames int32, ids list<fixed_size_list<uintN>[k]>,
+    logprobs list<fixed_size_list<float16>[k]>, logsumexp list<float32>,
+    argmax list<uintN>, confidence list<float16>, entropy list<float16>
+
+uintN is the smallest unsigned integer type that holds num_classes - 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.softtargets import TopK, id_dtype
+
+FORMAT_NAME = "kdpipe.softtargets"
+FORMAT_VERSION = 1
+LEVELS = ("utterance", "frame")
+# Per-row value columns (after key / num_frames), in file order.
+VALUE_COLUMNS = ("ids", "logprobs", "logsumexp", "argmax", "confidence", "entropy")
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("input", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def arrow_id_type(num_classes: int) -> pa.DataType:
+    return pa.from_numpy_dtype(id_dtype(num_classes))
+
+
+def softtarget_schema(level: str, k: int, num_classes: int, metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """The canonical Arrow schema for a soft-target shard."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    idt = arrow_id_type(num_classes)
+    scalar = {
+        "ids": pa.list_(idt, k),
+        "logprobs": pa.list_(pa.float16(), k),
+        "logsumexp": pa.float32(),
+        "argmax": idt,
+        "confidence": pa.float16(),
+        "entropy": pa.float16(),
+    }
+    fields = [pa.field("key", pa.string(), nullable=False)]
+    if level == "frame":
+        fields.append(pa.field("num_frames", pa.int32(), nullable=False))
+        fields += [pa.field(c, pa.list_(scalar[c]), nullable=False) for c in VALUE_COLUMNS]
+    else:
+        fields += [pa.field(c, scalar[c], nullable=False) for c in VALUE_COLUMNS]
+    return pa.schema(fields, metadata=metadata)
+
+
+def _storage_dtypes(num_classes: int) -> dict[str, np.dtype]:
+    idt = id_dtype(num_classes)
+    return {
+        "ids": idt,
+        "logprobs": np.dtype(np.float16),
+        "logsumexp": np.dtype(np.float32),
+        "argmax": idt,
+        "confidence": np.dtype(np.float16),
+        "entropy": np.dtype(np.float16),
+    }
+
+
+def rows_from_topk(topk: TopK, num_classes: int, num_frames: np.ndarray | None = None) -> dict[str, list]:
+    """Split a batch of TopK into per-row numpy arrays in storage dtypes.
+
+    topk fields have leading dims (B,) or (B, T); for frame level pass num_frames (B,) so
+    each row keeps only its first num_frames[b] frames (the rest is padding).
+    Returns {"ids": [ (k,) or (T_b, k) ...], ...} with B entries per column.
+    """
+    arrays = topk.to_numpy()
+    dtypes = _storage_dtypes(num_classes)
+    out: dict[str, list] = {}
+    for c in VALUE_COLUMNS:
+        a = arrays[c].astype(dtypes[c], copy=False)
+        if num_frames is None:
+            out[c] = list(a)
+        else:
+            out[c] = [a[b, : int(n)] for b, n in enumerate(num_frames)]
+    if num_frames is not None:
+        out["num_frames"] = [np.int32(n) for n in num_frames]
+    return out
+
+
+def table_from_rows(keys: list[str], rows: dict[str, list], level: str, k: int, num_classes: int,
+                    metadata: dict[bytes, bytes] | None = None) -> pa.Table:
+    """Build a canonical Arrow table from per-row arrays (as made by rows_from_topk).
+
+    rows[c][i] is (k,) / scalar at utterance level and (T_i, k) / (T_i,) at frame level.
+    """
+    schema = softtarget_schema(level, k, num_classes, metadata)
+    dtypes = _storage_dtypes(num_classes)
+    n = len(keys)
+    cols: dict[str, pa.Array] = {"key": pa.array(keys, type=pa.string())}
+    if level == "utterance":
+        for c in VALUE_COLUMNS:
+            vals = np.asarray(rows[c], dtype=dtypes[c]) if n else np.zeros((0, k) if c in ("ids", "logprobs") else (0,), dtypes[c])
+            if c in ("ids", "logprobs"):
+                vals = vals.reshape(n, k)
+                cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1)), k)
+            else:
+                cols[c] = pa.array(vals.reshape(n))
+    else:
+        frames = np.asarray([int(x) for x in rows.get("num_frames", [])], dtype=np.int32) if n else np.zeros(0, np.int32)
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(frames, out=offsets[1:])
+        cols["num_frames"] = pa.array(frames, type=pa.int32())
+        for c in VALUE_COLUMNS:
+            per = [np.asarray(r, dtype=dtypes[c]) for r in rows[c]]
+            for i, r in enumerate(per):
+                if r.shape[0] != frames[i]:
+                    raise ValueError(f"key {keys[i]!r}: column {c} has {r.shape[0]} frames, num_frames says {frames[i]}")
+            if c in ("ids", "logprobs"):
+                flat = np.concatenate([r.reshape(-1, k) for r in per]) if per else np.zeros((0, k), dtypes[c])
+                values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), k)
+            else:
+                flat = np.concatenate([r.reshape(-1) for r in per]) if per else np.zeros(0, dtypes[c])
+                values = pa.array(flat)
+            cols[c] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+def table_to_numpy(table: pa.Table, level: str) -> dict[str, np.ndarray]:
+    """Canonical table -> numpy columns.
+
+    Utterance: key (N,) object, ids (N, k), logprobs (N, k) float16, others (N,).
+    Frame: key (N,), num_frames (N,), and per-frame columns flattened over all frames with
+    ``offsets`` (N + 1,) so that row i is rows offsets[i]:offsets[i+1]: ids (F, k), ... (F,).
+    """
+    out: dict[str, np.ndarray] = {"key": np.asarray(table.column("key").to_pylist(), dtype=object)}
+    if level == "frame":
+        frames = table.column("num_frames").to_numpy().astype(np.int64)
+        out["num_frames"] = frames
+        out["offsets"] = np.concatenate([[0], np.cumsum(frames)])
+    for c in VALUE_COLUMNS:
+        col = table.column(c).combine_chunks()
+        if level == "frame":
+            col = col.flatten()  # drop the per-row list level -> per-frame values
+        if pa.types.is_fixed_size_list(col.type):
+            k = col.type.list_size
+            out[c] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        else:
+            out[c] = col.to_numpy(zero_copy_only=False)
+    return out

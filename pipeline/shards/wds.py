@@ -1,0 +1,120 @@
+"""WebDataset (tar) encoding of a soft-target shard: one sample per key, numpy members.
+
+Members of sample ``KEY`` (``.npy``, written with numpy.save):
+    KEY.ids.npy (k,) or (T, k) uintN     KEY.logprobs.npy (k,) or (T, k) float16
+    KEY.logsumexp.npy () or (T,) float32 KEY.argmax.npy () or (T,) uintN
+    KEY.confidence.npy () or (T,) f16    KEY.entropy.npy () or (T,) float16
+    KEY.num_frames.npy () int32 (frame level only)
+Keys may not contain '.', since WebDataset splits a member name at the first dot.
+Members are written with mtime 0 and no owner, so equal content gives equal bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.shards.schema import VALUE_COLUMNS, table_from_rows
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode(table: pa.Table, level: str) -> bytes:
+    """Canonical table -> tar bytes."""
+    from pipeline.shards.schema import table_to_numpy
+
+    cols = table_to_numpy(table, level)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, key in enumerate(cols["key"]):
+            if "." in key:
+                raise ValueError(f"key {key!r} contains '.', which WebDataset cannot represent")
+            if level == "frame":
+                lo, hi = cols["offsets"][i], cols["offsets"][i + 1]
+                _add(tar, f"{key}.num_frames.npy", _npy(np.int32(hi - lo)))
+                for c in VALUE_COLUMNS:
+                    _add(tar, f"{key}.{c}.npy", _npy(cols[c][lo:hi]))
+            else:
+                for c in VALUE_COLUMNS:
+                    _add(tar, f"{key}.{c}.npy", _npy(cols[c][i]))
+    return buf.getvalue()
+
+
+def _samples(f, uri: str, error_cls):
+    """Yield (key, {column: array}) from a tar stream, grouping consecutive members by key."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                prefix = m.name[: len(m.name) - len(base)]
+                if "." not in base:
+                    raise error_cls(f"{uri}: member {m.name!r} has no extension; not a soft-target tar")
+                k, ext = base.split(".", 1)
+                k = prefix + k
+                if k != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = k, {}
+                if not ext.endswith(".npy"):
+                    raise error_cls(f"{uri}: member {m.name!r} is not a .npy array; not a soft-target tar")
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise error_cls(f"{uri}: truncated tar shard (member {m.name!r} is cut short)")
+                try:
+                    sample[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+                except ValueError as e:
+                    raise error_cls(f"{uri}: member {m.name!r} is not a valid .npy ({e})") from None
+    except (tarfile.ReadError, EOFError) as e:
+        raise error_cls(f"{uri}: truncated or corrupt tar shard ({e})") from None
+    if key is not None:
+        yield key, sample
+
+
+def iter_tables(f, uri: str, error_cls, level: str, k: int, num_classes: int, batch_rows: int = 4096):
+    """Stream a tar shard as canonical tables of at most ``batch_rows`` rows."""
+    needed = set(VALUE_COLUMNS) | ({"num_frames"} if level == "frame" else set())
+    keys: list[str] = []
+    rows: dict[str, list] = {c: [] for c in needed}
+    for key, sample in _samples(f, uri, error_cls):
+        missing = needed - set(sample)
+        if missing:
+            raise error_cls(f"{uri}: sample {key!r} lacks member(s) {', '.join(sorted(missing))}")
+        ids = sample["ids"]
+        expect_shape = (k,) if level == "utterance" else (int(sample["num_frames"]), k)
+        if ids.shape != expect_shape or sample["logprobs"].shape != expect_shape:
+            raise error_cls(
+                f"{uri}: sample {key!r} has ids {ids.shape} / logprobs {sample['logprobs'].shape}, "
+                f"expected {expect_shape} for level={level} k={k}"
+            )
+        keys.append(key)
+        for c in needed:
+            rows[c].append(sample[c])
+        if len(keys) >= batch_rows:
+            yield _table(keys, rows, level, k, num_classes, uri, error_cls)
+            keys, rows = [], {c: [] for c in needed}
+    if keys:
+        yield _table(keys, rows, level, k, num_classes, uri, error_cls)
+
+
+def _table(keys, rows, level, k, num_classes, uri, error_cls) -> pa.Table:
+    ids_max = max((int(np.max(a)) for a in rows["ids"] if np.size(a)), default=-1)
+    if ids_max >= num_classes:
+        raise error_cls(f"{uri}: class id {ids_max} out of range for num_classes={num_classes}")
+    return table_from_rows(keys, rows, level, k, num_classes)
