@@ -1,0 +1,1 @@
+"""Models: the conventions every teacher/student follows, spec loading, the reference zoo."""
