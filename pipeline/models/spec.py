@@ -1,0 +1,230 @@
+"""Model specs: how a teacher or student is named, built, loaded and identified.
+
+Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
+
+1. A checkpoint directory written by jobs/train_student.py (``config.json`` +
+   ``model.safetensors``), local or ``s3://``: any trained model can teach (self-training).
+2. ``package.module:factory`` with keyword arguments and optional weights, in URL-query form:
+   ``pipeline.models.zoo:audio_cnn?width=64&level=frame&weights=teacher.safetensors``
+   (values are parsed as JSON where they parse, else kept as strings), or in YAML/JSON as
+   ``{factory: ..., kwargs: {...}, weights: ...}``. Weights are a safetensors file or a
+   state_dict loaded with ``torch.load(weights_only=True)``: never an arbitrary pickle.
+3. A TorchScript archive (``torch.jit.save``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.fingerprint import canonical_json
+from pipeline.models.base import model_info
+
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_FORMAT = "kdpipe.checkpoint/1"
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be resolved; the message names the spec and the problem."""
+
+
+@dataclass
+class ModelSpec:
+    """A resolved spec. ``kind`` is "checkpoint", "factory" or "torchscript"."""
+
+    kind: str
+    source: str  # checkpoint dir, "module:factory", or TorchScript file
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    config: dict[str, Any] | None = None  # checkpoint config.json
+
+    def describe(self) -> str:
+        return self.source if self.kind != "factory" else f"{self.source}({canonical_json(self.kwargs)})"
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def _is_torchscript(uri: str) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(storage.read_bytes(uri))) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+
+
+def parse_spec(spec: str | dict) -> ModelSpec:
+    """Resolve a SPEC string (or dict) into a ModelSpec; raises SpecError naming the spec."""
+    if isinstance(spec, dict):
+        if "factory" not in spec:
+            raise SpecError(f"model spec {spec!r}: a mapping needs a 'factory' key (package.module:factory)")
+        unknown = set(spec) - {"factory", "kwargs", "weights"}
+        if unknown:
+            raise SpecError(f"model spec {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        return _factory_spec(spec["factory"], dict(spec.get("kwargs") or {}), spec.get("weights"))
+    spec = str(spec).strip()
+    if not spec:
+        raise SpecError("empty model spec")
+    if storage.exists(storage.join(spec, CHECKPOINT_CONFIG)):
+        return _checkpoint_spec(spec)
+    if storage.exists(spec) and not storage.filesystem(spec)[0].isdir(storage.filesystem(spec)[1]):
+        if _is_torchscript(spec):
+            return ModelSpec(kind="torchscript", source=spec)
+        raise SpecError(f"model spec {spec!r}: a file that is not a TorchScript archive; "
+                        "pass weights as 'module:factory?weights=FILE'")
+    if ":" in spec and not spec.startswith(("s3://", "/", ".")):
+        target, _, query = spec.partition("?")
+        kwargs = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+        weights = kwargs.pop("weights", None)
+        return _factory_spec(target, kwargs, weights)
+    raise SpecError(
+        f"model spec {spec!r}: not a checkpoint directory (no {CHECKPOINT_CONFIG}), not a TorchScript file, "
+        "and not 'package.module:factory'"
+    )
+
+
+def _factory_spec(target: str, kwargs: dict, weights: str | None) -> ModelSpec:
+    if target.count(":") != 1:
+        raise SpecError(f"model spec {target!r}: expected 'package.module:factory'")
+    if weights is not None and not storage.exists(str(weights)):
+        raise SpecError(f"model spec {target!r}: weights file {weights!r} does not exist")
+    return ModelSpec(kind="factory", source=target, kwargs=kwargs, weights=str(weights) if weights else None)
+
+
+def _checkpoint_spec(uri: str) -> ModelSpec:
+    cfg_uri = storage.join(uri, CHECKPOINT_CONFIG)
+    try:
+        cfg = json.loads(storage.read_bytes(cfg_uri))
+    except ValueError as e:
+        raise SpecError(f"{cfg_uri}: not valid JSON ({e})") from None
+    if cfg.get("format") != CHECKPOINT_FORMAT:
+        raise SpecError(f"{cfg_uri}: not a kdpipe checkpoint (format={cfg.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    for key in ("model", "num_classes", "modality", "level", "preprocessing"):
+        if key not in cfg:
+            raise SpecError(f"{cfg_uri}: missing field {key!r}")
+    weights = storage.join(uri, CHECKPOINT_WEIGHTS)
+    if not storage.exists(weights):
+        raise SpecError(f"{uri}: checkpoint has no {CHECKPOINT_WEIGHTS}")
+    return ModelSpec(kind="checkpoint", source=uri, kwargs=dict(cfg["model"].get("kwargs") or {}),
+                     weights=weights, config=cfg)
+
+
+def resolve_factory(target: str):
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"model spec {target!r}: cannot import {module_name!r} ({e})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SpecError(f"model spec {target!r}: {module_name!r} has no attribute {attr!r}") from None
+
+
+def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file or a torch.save'd state_dict (weights_only=True)."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(".safetensors") or data[8:9] == b"{":  # u64 header length, then a JSON header
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(data)
+        except Exception as e:
+            if uri.endswith(".safetensors"):
+                raise SpecError(f"{uri}: unreadable safetensors file ({e})") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SpecError(f"{uri}: not a safetensors file or a weights-only state_dict ({type(e).__name__}: {e})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SpecError(f"{uri}: expected a state_dict of tensors")
+    return obj
+
+
+def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
+    """Instantiate the model of a spec on CPU (eval mode not set)."""
+    if spec.kind == "torchscript":
+        return torch.jit.load(io.BytesIO(storage.read_bytes(spec.source)), map_location="cpu")
+    target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
+    factory = resolve_factory(target)
+    try:
+        # Without weights the model is its initialisation: seed it, so every actor (and every
+        # rerun under the same fingerprint) builds the same random teacher.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = factory(**spec.kwargs)
+    except TypeError as e:
+        raise SpecError(f"model spec {spec.describe()}: {e}") from None
+    if load_weights and spec.weights:
+        state = load_state_dict(spec.weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SpecError(
+                f"{spec.weights}: weights do not fit {target}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+    return model
+
+
+def identity(spec: ModelSpec) -> dict[str, Any]:
+    """What the fingerprint covers for one model: kind, factory, kwargs, weights digest."""
+    from pipeline.fingerprint import file_digest
+
+    if spec.kind == "torchscript":
+        return {"kind": "torchscript", "sha256": file_digest(spec.source)}
+    target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
+    return {
+        "kind": "module",
+        "factory": target,
+        "kwargs": spec.kwargs,
+        "weights_sha256": file_digest(spec.weights) if spec.weights else None,
+    }
+
+
+def describe_model(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
+    """modality / level / num_classes / frame_shift_ms / preprocessing / class_names, from the
+    checkpoint config where there is one, else from the model's attributes (None if unknown)."""
+    info = model_info(model)
+    out = {"modality": info.modality, "level": info.level, "num_classes": info.num_classes,
+           "frame_shift_ms": info.frame_shift_ms, "preprocessing": None, "class_names": None}
+    if spec.config:
+        for key in out:
+            if spec.config.get(key) is not None:
+                out[key] = spec.config[key]
+    return out
+
+
+def save_checkpoint(directory: str, model: nn.Module, factory: str, kwargs: dict, config: dict) -> None:
+    """Write a kdpipe checkpoint directory (local path): model.safetensors + config.json.
+
+    config: modality, level, num_classes, frame_shift_ms, preprocessing, class_names, and any
+    training facts (step, epoch, fingerprint of the soft-target cache).
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, os.path.join(directory, CHECKPOINT_WEIGHTS))
+    body = {"format": CHECKPOINT_FORMAT, "model": {"factory": factory, "kwargs": kwargs}, **config}
+    with open(os.path.join(directory, CHECKPOINT_CONFIG), "w") as f:
+        json.dump(body, f, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,344 @@
+"""The pseudo-label job: sharded corpus -> teacher actors -> soft-target cache.
+
+    python jobs/pseudo_label.py --input data/unlabeled --output runs/st --teacher CKPT_DIR
+    ray job submit --working-dir . -- python jobs/pseudo_label.py ...   (same flags)
+
+Everything that can be checked is checked before Ray starts: flags, inputs, teacher specs,
+preprocessing, the fingerprint against an existing run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import storage
+from pipeline.config import ConfigError, add_config_flag, parse_args
+from pipeline.fingerprint import fingerprint
+from pipeline.inputs import SHARD_EXTENSIONS, sniff_modality, unique_shard_names
+from pipeline.models.spec import SpecError, build_model, describe_model, identity, parse_spec
+from pipeline.modalities import AudioPreprocessing, ImagePreprocessing, make_frontend, preprocessing_from_dict
+from pipeline.shards import FormatError, Manifest, RunWriter
+from pipeline.softtargets import id_dtype
+from pipeline.teacher.collect import Progress, ShardCollector, fmt_duration
+
+AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "n_mels", "win_ms": "win_ms",
+               "hop_ms": "hop_ms", "chunk_seconds": "chunk_seconds", "crop_seconds": "crop_seconds"}
+IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pseudo_label.py",
+        description="Run teacher model(s) over a sharded corpus and write top-k soft targets (the cache).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flag(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--input", nargs="+", required=True, metavar="URI",
+                   help="input shards: WebDataset .tar or .parquet files, directories, globs or brace patterns "
+                        "(shard-{0000..0099}.tar), local or s3://")
+    g.add_argument("--output", required=True, metavar="URI", help="run directory for the soft-target cache (local or s3://)")
+    g.add_argument("--modality", choices=["audio", "image"], default=None,
+                   help="input modality; default: from the teacher, else sniffed from the first shard's members")
+    g.add_argument("--key-column", default=None, help="Parquet inputs: column holding sample keys (default 'key')")
+    g.add_argument("--data-column", default=None, help="Parquet inputs: column holding media bytes (default: first binary column)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", action="append", required=True, metavar="SPEC",
+                   help="checkpoint dir, 'package.module:factory?kwarg=value&weights=FILE', or TorchScript file; "
+                        "repeat for an ensemble (averaged in probability space)")
+    g.add_argument("--level", choices=["utterance", "frame"], default=None,
+                   help="soft targets per utterance/image or per frame; default: from the teacher's output shape")
+    g.add_argument("--frame-shift-ms", type=float, default=None,
+                   help="frame-level teachers that do not declare it: output frame shift in ms")
+    g.add_argument("--top-k", type=int, default=10, help="classes kept per sample (or frame)")
+    g = p.add_argument_group("audio preprocessing (default: the teacher checkpoint's, else these)")
+    g.add_argument("--sample-rate", type=int, default=None, help="resample to this rate (Hz) [16000]")
+    g.add_argument("--features", choices=["logmel", "fbank", "none"], default=None, help="model input features [logmel]")
+    g.add_argument("--n-mels", type=int, default=None, help="mel bins [40]")
+    g.add_argument("--win-ms", type=float, default=None, help="feature window in ms [25]")
+    g.add_argument("--hop-ms", type=float, default=None, help="feature hop in ms [10]")
+    g.add_argument("--chunk-seconds", type=float, default=None,
+                   help="split longer recordings into windows of this length; keys become KEY@START-END (samples)")
+    g.add_argument("--crop-seconds", type=float, default=None, help="centre-crop/zero-pad each clip to this length")
+    g = p.add_argument_group("image preprocessing (default: the teacher checkpoint's, else these)")
+    g.add_argument("--image-resize", type=int, default=None, help="resize the shorter side to this [32]")
+    g.add_argument("--image-crop", type=int, default=None, help="centre crop size [32]")
+    g.add_argument("--image-mean", type=float, nargs=3, default=None, help="per-channel mean [0.5 0.5 0.5]")
+    g.add_argument("--image-std", type=float, nargs=3, default=None, help="per-channel std [0.5 0.5 0.5]")
+    g = p.add_argument_group("execution")
+    g.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="soft-target shard encoding")
+    g.add_argument("--batch-size", type=int, default=64, help="teacher batch size")
+    g.add_argument("--actors", type=int, default=None, help="teacher actors; default: one per GPU share, 1 without GPUs")
+    g.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per teacher actor (fractional allowed)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: GPU actors when the cluster has GPUs, else CPU fallback")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU runs fp32)")
+    g.add_argument("--bucket-rows", type=int, default=1024, help="decoded samples sorted by length together, to cut padding")
+    g.add_argument("--max-error-rate", type=float, default=0.05,
+                   help="exit non-zero when quarantined / (samples + quarantined) exceeds this")
+    g.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
+    return p
+
+
+@dataclass
+class TeacherPlan:
+    specs: list
+    teacher: dict
+    modality: str
+    level: str
+    num_classes: int
+    frame_shift_ms: float | None
+    preprocessing: dict
+    class_names: list[str] | None
+
+
+def _prep_overrides(args) -> dict:
+    out = {}
+    for flag, field in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[field] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def resolve_preprocessing(modality: str, from_teacher: dict | None, args) -> dict:
+    """The teacher checkpoint's preprocessing (or the defaults), with explicit flags on top."""
+    base = dict(from_teacher) if from_teacher else {}
+    base["modality"] = modality
+    flags = _prep_overrides(args)
+    fields = set(AUDIO_FLAGS.values()) if modality == "audio" else set(IMAGE_FLAGS.values())
+    wrong = {k for k in flags if k not in fields}
+    if wrong:
+        names = [f for f, v in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items() if v in wrong]
+        raise ConfigError(f"flag(s) {', '.join('--' + n.replace('_', '-') for n in names)} do not apply to {modality} inputs")
+    base.update(flags)
+    try:
+        return preprocessing_from_dict(base).to_dict()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"preprocessing: {e}") from None
+
+
+def probe_output(model, prep: dict) -> torch.Tensor:
+    """One forward pass on a blank input: tells the output shape (classes, utterance vs frame)."""
+    p = preprocessing_from_dict(prep)
+    frontend = make_frontend(p)
+    if isinstance(p, AudioPreprocessing):
+        n = int(p.sample_rate * (p.crop_seconds or 1.0))
+        x, lengths = frontend(torch.zeros(2, n), torch.tensor([n, n]))
+    else:
+        x, lengths = frontend(torch.zeros(2, p.crop, p.crop, 3, dtype=torch.uint8))
+    model.eval()
+    with torch.inference_mode():
+        return model(x, lengths) if lengths is not None else model(x)
+
+
+def plan_teacher(args, first_shard: str) -> TeacherPlan:
+    """Resolve --teacher specs, modality, preprocessing, level, classes; all before Ray starts."""
+    specs, described, models = [], [], []
+    for s in args.teacher:
+        try:
+            spec = parse_spec(s)
+            model = build_model(spec)
+        except (SpecError, FileNotFoundError) as e:
+            raise ConfigError(f"--teacher {s}: {e}") from None
+        specs.append(spec)
+        models.append(model)
+        described.append(describe_model(spec, model))
+    modalities = {d["modality"] for d in described if d["modality"]}
+    if len(modalities) > 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on modality: {sorted(modalities)}")
+    modality = args.modality or (modalities.pop() if modalities else None) or sniff_modality(first_shard)
+    if modality is None:
+        raise ConfigError(f"cannot tell the modality of {first_shard}; pass --modality audio|image")
+    preps = [d["preprocessing"] for d in described if d["preprocessing"]]
+    if any(pp != preps[0] for pp in preps[1:]):
+        raise ConfigError("--teacher: ensemble members were trained with different preprocessing; "
+                          "they must see the same input")
+    if preps and preps[0].get("modality") != modality:
+        raise ConfigError(f"--modality {modality}: the teacher was trained on {preps[0].get('modality')} inputs")
+    prep = resolve_preprocessing(modality, preps[0] if preps else None, args)
+    shapes = []
+    for s, model in zip(args.teacher, models):
+        try:
+            out = probe_output(model, prep)
+        except Exception as e:
+            raise ConfigError(f"--teacher {s}: forward pass on a blank {modality} input failed "
+                              f"({type(e).__name__}: {e}); check the preprocessing flags") from None
+        shapes.append(tuple(out.shape))
+    if len({s[-1] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on output shape {shapes}")
+    level = "frame" if len(shapes[0]) == 3 else "utterance"
+    if args.level and args.level != level:
+        raise ConfigError(f"--level {args.level}: the teacher outputs {'(B, T, C)' if level == 'frame' else '(B, C)'}, "
+                          f"which is {level} level")
+    num_classes = shapes[0][-1]
+    frame_shift = None
+    if level == "frame":
+        shifts = {d["frame_shift_ms"] for d in described if d["frame_shift_ms"]}
+        if len(shifts) > 1:
+            raise ConfigError(f"--teacher: ensemble members disagree on frame shift {sorted(shifts)}")
+        frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
+        if frame_shift is None:
+            raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
+    if not 1 <= args.top_k:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    names = next((d["class_names"] for d in described if d["class_names"]), None)
+    teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
+               "ensemble": "mean-probability" if len(specs) > 1 else None}
+    return TeacherPlan(list(args.teacher), teacher, modality, level, num_classes, frame_shift, prep, names)
+
+
+def _validate_args(args) -> None:
+    for name in ("batch_size", "bucket_rows"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.actors is not None and args.actors < 1:
+        raise ConfigError("--actors must be >= 1")
+    if args.gpus_per_actor <= 0:
+        raise ConfigError("--gpus-per-actor must be > 0")
+    if not 0 <= args.max_error_rate <= 1:
+        raise ConfigError("--max-error-rate must be between 0 and 1")
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Quiet workers: the job prints its own progress; Ray's warnings still show.
+    ray.init(address=address, logging_level="WARNING", log_to_driver=True,
+             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
+
+
+def _repo_root_pythonpath() -> str:
+    """Local workers import the same pipeline/ as the driver (jobs/ scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
+
+
+def run(argv=None) -> int:
+    """Entry point of jobs/pseudo_label.py; returns the process exit code."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    try:
+        _validate_args(args)
+        refs = storage.expand_shards(args.input, SHARD_EXTENSIONS)
+        plan = plan_teacher(args, refs[0].uri)
+    except (ConfigError, FileNotFoundError, FormatError) as e:
+        parser.error(str(e))
+    names = unique_shard_names([r.uri for r in refs])
+    fp = fingerprint(plan.teacher["identities"], plan.preprocessing, args.top_k, plan.level)
+    k = min(args.top_k, plan.num_classes)
+    manifest = Manifest(
+        fingerprint=fp, teacher=plan.teacher, modality=plan.modality, level=plan.level,
+        preprocessing=plan.preprocessing, k=k, num_classes=plan.num_classes, encoding=args.format,
+        id_dtype=str(id_dtype(plan.num_classes)), frame_shift_ms=plan.frame_shift_ms, class_names=plan.class_names,
+    )
+    try:
+        writer = RunWriter(args.output, manifest)
+    except FormatError as e:
+        parser.error(str(e))
+    done = writer.completed()
+    todo = [r for r in refs if names[r.uri] not in done]
+    skipped = len(refs) - len(todo)
+    print(f"[pseudo-label] {len(refs)} input shard(s), {skipped} already complete in {args.output} "
+          f"(fingerprint {fp[:12]}); teacher {', '.join(plan.teacher['specs'])}; {plan.modality}, {plan.level} level, "
+          f"{plan.num_classes} classes, top-{k}", flush=True)
+    progress = Progress(len(todo), sum(r.size for r in todo), skipped, args.progress_interval)
+    if not todo:
+        print("[pseudo-label] cache hit: every shard is complete for this fingerprint; no teacher batch was run", flush=True)
+        return report(writer, progress, skipped, Counter(), args, cache_hit=True)
+    collector = ShardCollector(writer, {names[r.uri]: (r.uri, r.size) for r in todo}, progress)
+    execute(args, plan, k, [(names[r.uri], r.uri) for r in todo], collector)
+    return report(writer, progress, skipped, collector.error_reasons, args)
+
+
+def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], collector: ShardCollector) -> None:
+    """Build the Ray Data pipeline (decode tasks -> teacher actors) and stream it into the collector."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.teacher.decode import DecodeShards
+    from pipeline.teacher.predictor import TeacherPredictor
+
+    init_ray(args.address)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
+    if args.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda: the Ray cluster has no GPUs")
+    use_gpu = gpus > 0
+    actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if use_gpu else 1)
+    print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if use_gpu else 'CPU (no GPU in the cluster)'}, "
+          f"batch {args.batch_size}, {len(shards)} shard(s) to compute", flush=True)
+    parquet_options = {"key_column": args.key_column, "data_column": args.data_column}
+    ds = ray.data.from_items([{"name": n, "uri": u} for n, u in shards], override_num_blocks=len(shards))
+    # Decode runs as plain tasks (one per shard) spread over the cluster's CPUs. The differing
+    # scheduling strategies (SPREAD here, DEFAULT for the actors) also keep Ray Data from fusing
+    # decode into the teacher actors, which would serialise decode and forward instead of
+    # overlapping them.
+    ds = ds.map_batches(DecodeShards(plan.preprocessing, args.bucket_rows, parquet_options), batch_size=1, num_cpus=1,
+                        scheduling_strategy="SPREAD")
+    ds = ds.map_batches(
+        TeacherPredictor, batch_size=args.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"specs": plan.specs, "preprocessing": plan.preprocessing, "level": plan.level,
+                               "k": k, "num_classes": plan.num_classes, "precision": args.precision,
+                               "device": "cuda" if use_gpu else "cpu"},
+        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        num_gpus=args.gpus_per_actor if use_gpu else 0, num_cpus=args.cpus_per_actor,
+        scheduling_strategy="DEFAULT",
+    )
+    collector.progress.restart()  # throughput counts from here: Ray start-up is reported apart
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        collector.add(batch)
+        collector.check()
+    collector.finish()
+
+
+def report(writer: RunWriter, progress: Progress, skipped: int, reasons: Counter, args, cache_hit: bool = False) -> int:
+    """Print the summary (table + one JSON line), record it in the manifest, return the exit code."""
+    m = writer.manifest
+    el = progress.elapsed
+    processed = progress.samples + progress.errors
+    rate = progress.errors / processed if processed else 0.0
+    units = progress.frames if m.level == "frame" else progress.samples
+    summary = {
+        "output": args.output, "fingerprint": m.fingerprint, "cache_hit": cache_hit,
+        "shards_done": progress.shards, "shards_skipped": skipped, "shards_total": len(m.shards),
+        "samples": progress.samples, "frames": progress.frames, "errors": progress.errors,
+        "errors_by_reason": dict(sorted(reasons.items())), "error_rate": round(rate, 6),
+        "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2), "samples_per_s": round(progress.samples / el, 2) if el > 0 else 0.0,
+        "bytes_written": progress.written,
+        "bytes_per_sample": round(progress.written / progress.samples, 2) if progress.samples else None,
+        "bytes_per_frame": round(progress.written / progress.frames, 2) if progress.frames else None,
+        "max_error_rate": args.max_error_rate, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    writer.flush(force=True, run_summary=summary)
+    unit = "frame" if m.level == "frame" else "sample"
+    print("[pseudo-label] summary")
+    print(f"  shards       {progress.shards} done, {skipped} skipped (cached), {len(m.shards)} in the run")
+    print(f"  samples      {progress.samples:,}" + (f" ({progress.frames:,} frames)" if m.level == "frame" else ""))
+    print(f"  errors       {progress.errors:,} ({rate:.2%})" +
+          "".join(f"\n    {r:<20} {n:,}" for r, n in sorted(reasons.items())))
+    print(f"  throughput   {summary['samples_per_s']:,} samples/s over {fmt_duration(el)} "
+          f"(+{progress.startup:.1f} s start-up)")
+    per = summary["bytes_per_frame"] if m.level == "frame" else summary["bytes_per_sample"]
+    print(f"  written      {progress.written:,} bytes" + (f", {per} bytes per {unit}" if per else ""))
+    print(json.dumps({"summary": summary}), flush=True)
+    if rate > args.max_error_rate:
+        print(f"[pseudo-label] FAILED: error rate {rate:.2%} exceeds --max-error-rate {args.max_error_rate:.2%}; "
+              f"see {storage.join(args.output, 'errors')}", file=sys.stderr, flush=True)
+        return 1
+    return 0
