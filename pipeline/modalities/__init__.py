@@ -24,11 +24,27 @@ def make_frontend(prep: Preprocessing):
     return AudioFrontend(prep) if isinstance(prep, AudioPreprocessing) else ImageFrontend(prep)
 
 
+def prepare(data: bytes, prep: Preprocessing) -> list[tuple[tuple[int, int] | None, "np.ndarray"]]:
+    """Encoded media -> [(chunk bounds or None, array)]: audio (N,) float32 at the model rate,
+    image (crop, crop, 3) uint8. Raises DecodeError."""
+    from pipeline.modalities.audio import prepare_waveform
+    from pipeline.modalities.image import prepare_image
+
+    if isinstance(prep, AudioPreprocessing):
+        return prepare_waveform(data, prep)
+    return [(None, prepare_image(data, prep))]
+
+
+def chunk_key(key: str, bounds: tuple[int, int] | None) -> str:
+    """Key of a chunk of a long recording: "KEY@START-END" in samples at the model's rate."""
+    return key if bounds is None else f"{key}@{bounds[0]}-{bounds[1]}"
+
+
 def media_extensions(modality: str) -> tuple[str, ...]:
     return AUDIO_EXTENSIONS if modality == "audio" else IMAGE_EXTENSIONS
 
 
 __all__ = [
     "AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "AudioFrontend", "AudioPreprocessing", "DecodeError", "ImageFrontend",
-    "ImagePreprocessing", "Preprocessing", "make_frontend", "media_extensions", "preprocessing_from_dict",
+    "ImagePreprocessing", "Preprocessing", "chunk_key", "make_frontend", "prepare", "media_extensions", "preprocessing_from_dict",
 ]

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.inputs import iter_shard
-from pipeline.modalities import DecodeError, media_extensions, preprocessing_from_dict
-from pipeline.modalities.audio import prepare_waveform
-from pipeline.modalities.image import prepare_image
+from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare, preprocessing_from_dict
 
 SAMPLE, ERROR, END = 0, 1, 2
 STAGE_SCHEMA = pa.schema([
@@ -29,11 +26,6 @@ STAGE_SCHEMA = pa.schema([
     ("detail", pa.string()),
     ("count", pa.int64()),
 ])
-
-
-def chunk_key(key: str, bounds: tuple[int, int] | None) -> str:
-    """Key of a chunk of a long recording: "KEY@START-END" in samples at the teacher's rate."""
-    return key if bounds is None else f"{key}@{bounds[0]}-{bounds[1]}"
 
 
 def _table(rows: list[dict]) -> pa.Table:
@@ -58,11 +50,6 @@ class DecodeShards:
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
         for name, uri in zip(batch["name"], batch["uri"]):
             yield from self.shard(str(name), str(uri))
-
-    def _decode(self, data: bytes) -> list[tuple[tuple[int, int] | None, np.ndarray]]:
-        if self.modality == "audio":
-            return prepare_waveform(data, self.prep)
-        return [(None, prepare_image(data, self.prep))]
 
     def shard(self, name: str, uri: str) -> Iterator[pa.Table]:
         seen: set[str] = set()
@@ -91,7 +78,7 @@ class DecodeShards:
                 pending.append(self._error(name, raw.key, raw.error))
                 continue
             try:
-                pieces = self._decode(raw.data)
+                pieces = prepare(raw.data, self.prep)
             except DecodeError as e:
                 pending.append(self._error(name, raw.key, e))
                 continue

@@ -20,19 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import storage
+from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.fingerprint import fingerprint
 from pipeline.inputs import SHARD_EXTENSIONS, sniff_modality, unique_shard_names
+from pipeline.models.probe import probe_output
 from pipeline.models.spec import SpecError, build_model, describe_model, identity, parse_spec
-from pipeline.modalities import AudioPreprocessing, ImagePreprocessing, make_frontend, preprocessing_from_dict
 from pipeline.shards import FormatError, Manifest, RunWriter
 from pipeline.softtargets import id_dtype
 from pipeline.teacher.collect import Progress, ShardCollector, fmt_duration
-
-AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "n_mels", "win_ms": "win_ms",
-               "hop_ms": "hop_ms", "chunk_seconds": "chunk_seconds", "crop_seconds": "crop_seconds"}
-IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -59,20 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frame-shift-ms", type=float, default=None,
                    help="frame-level teachers that do not declare it: output frame shift in ms")
     g.add_argument("--top-k", type=int, default=10, help="classes kept per sample (or frame)")
-    g = p.add_argument_group("audio preprocessing (default: the teacher checkpoint's, else these)")
-    g.add_argument("--sample-rate", type=int, default=None, help="resample to this rate (Hz) [16000]")
-    g.add_argument("--features", choices=["logmel", "fbank", "none"], default=None, help="model input features [logmel]")
-    g.add_argument("--n-mels", type=int, default=None, help="mel bins [40]")
-    g.add_argument("--win-ms", type=float, default=None, help="feature window in ms [25]")
-    g.add_argument("--hop-ms", type=float, default=None, help="feature hop in ms [10]")
-    g.add_argument("--chunk-seconds", type=float, default=None,
-                   help="split longer recordings into windows of this length; keys become KEY@START-END (samples)")
-    g.add_argument("--crop-seconds", type=float, default=None, help="centre-crop/zero-pad each clip to this length")
-    g = p.add_argument_group("image preprocessing (default: the teacher checkpoint's, else these)")
-    g.add_argument("--image-resize", type=int, default=None, help="resize the shorter side to this [32]")
-    g.add_argument("--image-crop", type=int, default=None, help="centre crop size [32]")
-    g.add_argument("--image-mean", type=float, nargs=3, default=None, help="per-channel mean [0.5 0.5 0.5]")
-    g.add_argument("--image-std", type=float, nargs=3, default=None, help="per-channel std [0.5 0.5 0.5]")
+    add_preprocessing_flags(p)
     g = p.add_argument_group("execution")
     g.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="soft-target shard encoding")
     g.add_argument("--batch-size", type=int, default=64, help="teacher batch size")
@@ -101,46 +84,6 @@ class TeacherPlan:
     frame_shift_ms: float | None
     preprocessing: dict
     class_names: list[str] | None
-
-
-def _prep_overrides(args) -> dict:
-    out = {}
-    for flag, field in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[field] = list(v) if isinstance(v, (list, tuple)) else v
-    return out
-
-
-def resolve_preprocessing(modality: str, from_teacher: dict | None, args) -> dict:
-    """The teacher checkpoint's preprocessing (or the defaults), with explicit flags on top."""
-    base = dict(from_teacher) if from_teacher else {}
-    base["modality"] = modality
-    flags = _prep_overrides(args)
-    fields = set(AUDIO_FLAGS.values()) if modality == "audio" else set(IMAGE_FLAGS.values())
-    wrong = {k for k in flags if k not in fields}
-    if wrong:
-        names = [f for f, v in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items() if v in wrong]
-        raise ConfigError(f"flag(s) {', '.join('--' + n.replace('_', '-') for n in names)} do not apply to {modality} inputs")
-    base.update(flags)
-    try:
-        return preprocessing_from_dict(base).to_dict()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"preprocessing: {e}") from None
-
-
-def probe_output(model, prep: dict) -> torch.Tensor:
-    """One forward pass on a blank input: tells the output shape (classes, utterance vs frame)."""
-    p = preprocessing_from_dict(prep)
-    frontend = make_frontend(p)
-    if isinstance(p, AudioPreprocessing):
-        n = int(p.sample_rate * (p.crop_seconds or 1.0))
-        x, lengths = frontend(torch.zeros(2, n), torch.tensor([n, n]))
-    else:
-        x, lengths = frontend(torch.zeros(2, p.crop, p.crop, 3, dtype=torch.uint8))
-    model.eval()
-    with torch.inference_mode():
-        return model(x, lengths) if lengths is not None else model(x)
 
 
 def plan_teacher(args, first_shard: str) -> TeacherPlan:
@@ -209,23 +152,6 @@ def _validate_args(args) -> None:
         raise ConfigError("--gpus-per-actor must be > 0")
     if not 0 <= args.max_error_rate <= 1:
         raise ConfigError("--max-error-rate must be between 0 and 1")
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Quiet workers: the job prints its own progress; Ray's warnings still show.
-    ray.init(address=address, logging_level="WARNING", log_to_driver=True,
-             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
-
-
-def _repo_root_pythonpath() -> str:
-    """Local workers import the same pipeline/ as the driver (jobs/ scripts are not a package)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
 
 
 def run(argv=None) -> int:

@@ -1,0 +1,75 @@
+"""Command-line pieces shared by the jobs: preprocessing flags, Ray start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pipeline.config import ConfigError
+from pipeline.modalities import preprocessing_from_dict
+
+AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "n_mels", "win_ms": "win_ms",
+               "hop_ms": "hop_ms", "chunk_seconds": "chunk_seconds", "crop_seconds": "crop_seconds"}
+IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std"}
+
+
+def add_preprocessing_flags(p: argparse.ArgumentParser, source: str = "the teacher checkpoint's") -> None:
+    g = p.add_argument_group(f"audio preprocessing (default: {source}, else these)")
+    g.add_argument("--sample-rate", type=int, default=None, help="resample to this rate (Hz) [16000]")
+    g.add_argument("--features", choices=["logmel", "fbank", "none"], default=None, help="model input features [logmel]")
+    g.add_argument("--n-mels", type=int, default=None, help="mel bins [40]")
+    g.add_argument("--win-ms", type=float, default=None, help="feature window in ms [25]")
+    g.add_argument("--hop-ms", type=float, default=None, help="feature hop in ms [10]")
+    g.add_argument("--chunk-seconds", type=float, default=None,
+                   help="split longer recordings into windows of this length; keys become KEY@START-END (samples)")
+    g.add_argument("--crop-seconds", type=float, default=None, help="centre-crop/zero-pad each clip to this length")
+    g = p.add_argument_group(f"image preprocessing (default: {source}, else these)")
+    g.add_argument("--image-resize", type=int, default=None, help="resize the shorter side to this [32]")
+    g.add_argument("--image-crop", type=int, default=None, help="centre crop size [32]")
+    g.add_argument("--image-mean", type=float, nargs=3, default=None, help="per-channel mean [0.5 0.5 0.5]")
+    g.add_argument("--image-std", type=float, nargs=3, default=None, help="per-channel std [0.5 0.5 0.5]")
+
+
+def _prep_overrides(args) -> dict:
+    out = {}
+    for flag, field in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[field] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def resolve_preprocessing(modality: str, from_model: dict | None, args) -> dict:
+    """``from_model``'s preprocessing (a checkpoint's or a manifest's; else the defaults), explicit flags on top."""
+    base = dict(from_model) if from_model else {}
+    base["modality"] = modality
+    flags = _prep_overrides(args)
+    fields = set(AUDIO_FLAGS.values()) if modality == "audio" else set(IMAGE_FLAGS.values())
+    wrong = {k for k in flags if k not in fields}
+    if wrong:
+        names = [f for f, v in {**AUDIO_FLAGS, **IMAGE_FLAGS}.items() if v in wrong]
+        raise ConfigError(f"flag(s) {', '.join('--' + n.replace('_', '-') for n in names)} do not apply to {modality} inputs")
+    base.update(flags)
+    try:
+        return preprocessing_from_dict(base).to_dict()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"preprocessing: {e}") from None
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Quiet workers: the job prints its own progress; Ray's warnings still show.
+    ray.init(address=address, logging_level="WARNING", log_to_driver=True,
+             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
+
+
+def _repo_root_pythonpath() -> str:
+    """Local workers import the same pipeline/ as the driver (jobs/ scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
+
+

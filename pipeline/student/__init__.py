@@ -1,0 +1,1 @@
+"""Student stage: paired data, losses, the per-worker train loop, checkpoints, evaluation."""

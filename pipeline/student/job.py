@@ -1,0 +1,365 @@
+"""The train-student job: Ray Train (TorchTrainer, DDP) on cached soft targets and/or labels.
+
+    python jobs/train_student.py --soft-targets runs/st --student 'pipeline.models.zoo:audio_cnn?width=8' \
+        --output runs/student [--labeled data/labeled --labeled-ratio 0.2]
+    python jobs/train_student.py --labeled data/labeled --student ... --output runs/teacher   # labels only
+
+Everything about the cache and the student is checked on the driver before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+from pipeline import storage
+from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing
+from pipeline.config import ConfigError, add_config_flag, parse_args
+from pipeline.inputs import SHARD_EXTENSIONS, shard_name
+from pipeline.models.probe import probe_output
+from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, build_model, describe_model, parse_spec
+from pipeline.shards import FormatError, SoftTargetRun
+from pipeline.student.losses import LOSSES
+from pipeline.softtargets import TAIL_MODES, id_dtype
+
+RUN_NAME = "train"
+FINAL_DIR = "final"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_student.py",
+        description="Train a student with Ray Train from cached soft targets, labeled data, or both.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flag(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--soft-targets", metavar="URI", default=None,
+                   help="soft-target run directory written by pseudo_label.py; omit to train on labels only")
+    g.add_argument("--input", nargs="+", metavar="URI", default=None,
+                   help="where the soft-target run's input shards live now, if they moved (matched by shard name); "
+                        "with --online-teacher: the unlabeled shards to distil on")
+    g.add_argument("--labeled", nargs="+", metavar="URI", default=None,
+                   help="labeled shards (.cls or .frames.npy members), mixed in at --labeled-ratio")
+    g.add_argument("--labeled-ratio", type=float, default=0.2,
+                   help="share of labeled samples in each epoch when mixing with soft targets (labeled shards are "
+                        "repeated to reach it)")
+    g.add_argument("--eval", nargs="+", metavar="URI", default=None, help="labeled shards evaluated after every epoch")
+    g.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
+    g.add_argument("--shuffle-buffer", type=int, default=512, help="rows in each worker's local shuffle buffer (0: off)")
+    g = p.add_argument_group("model")
+    g.add_argument("--student", required=True, metavar="SPEC",
+                   help="'package.module:factory?kwarg=value' (or a checkpoint dir to start from)")
+    g.add_argument("--output", required=True, metavar="URI", help="checkpoints, metrics.jsonl and final/ (local or s3://)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--loss", choices=LOSSES, default="kl",
+                   help="kl: T^2-scaled KL to the teacher's top-k; mse: MSE on top-k logits (Tang et al.); "
+                        "hard: cross-entropy on the teacher's top-1")
+    g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    g.add_argument("--top-k", type=int, default=None, help="k' <= stored k classes used from the cache (default: all)")
+    g.add_argument("--tail", choices=TAIL_MODES, default="renormalize", help="tail mass outside the top-k' (docs/format.md)")
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of hard-label cross-entropy; 1 - alpha weighs the distillation term")
+    g.add_argument("--confidence-threshold", type=float, default=0.0,
+                   help="ignore teacher targets (samples, or frames) whose confidence is below this")
+    g.add_argument("--online-teacher", metavar="SPEC", default=None,
+                   help="online distillation: run this teacher in the training loop on --input instead of the cache")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+    g.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (overrides epochs)")
+    g.add_argument("--batch-size", type=int, default=64, help="batch size per worker")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of all steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of --lr")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, shard order and shuffling")
+    add_preprocessing_flags(p, "the soft-target run's (what the teacher saw)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs when the cluster has them")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per training worker")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
+    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in OUTPUT/train")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
+    return p
+
+
+def _validate(args) -> None:
+    if not args.soft_targets and not args.labeled and not args.online_teacher:
+        raise ConfigError("nothing to train on: give --soft-targets, --labeled, or --online-teacher with --input")
+    if args.online_teacher and args.soft_targets:
+        raise ConfigError("--online-teacher replaces --soft-targets; give one of them")
+    if args.online_teacher and not args.input:
+        raise ConfigError("--online-teacher needs --input (the shards to distil on)")
+    if args.input and not (args.soft_targets or args.online_teacher):
+        raise ConfigError("--input only applies with --soft-targets or --online-teacher")
+    for name in ("epochs", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError("--steps must be >= 1")
+    if args.temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    if not 0 <= args.alpha <= 1:
+        raise ConfigError("--alpha must be between 0 and 1")
+    if not 0 < args.labeled_ratio < 1 and args.labeled and (args.soft_targets or args.online_teacher):
+        raise ConfigError("--labeled-ratio must be between 0 and 1 (exclusive) when mixing")
+    if args.lr <= 0:
+        raise ConfigError("--lr must be > 0")
+
+
+def plan(args) -> tuple[dict, list[dict], list[dict]]:
+    """Resolve and check everything; returns (train_loop config, train tasks, eval tasks)."""
+    run = None
+    manifest = None
+    if args.soft_targets:
+        run = SoftTargetRun(args.soft_targets)
+        manifest = run.manifest
+    try:
+        student = parse_spec(args.student)
+        if student.kind == "torchscript":
+            raise ConfigError(f"--student {args.student}: a TorchScript file cannot be trained; use module:factory")
+        model = build_model(student)
+    except SpecError as e:
+        raise ConfigError(f"--student: {e}") from None
+    info = describe_model(student, model)
+
+    online_info = None
+    if args.online_teacher:
+        try:
+            t_spec = parse_spec(args.online_teacher)
+            online_info = describe_model(t_spec, build_model(t_spec))
+        except SpecError as e:
+            raise ConfigError(f"--online-teacher: {e}") from None
+
+    modality = (manifest.modality if manifest else None) or info["modality"] or (online_info or {}).get("modality")
+    if modality is None:
+        raise ConfigError("cannot tell the modality: the student does not declare it and there is no soft-target run")
+    if info["modality"] and info["modality"] != modality:
+        raise ConfigError(f"--student is a {info['modality']} model but the data is {modality}")
+    base_prep = (manifest.preprocessing if manifest else None) or info["preprocessing"] or \
+        (online_info or {}).get("preprocessing")
+    prep = resolve_preprocessing(modality, base_prep, args)
+    try:
+        out = probe_output(model, prep)
+    except Exception as e:
+        raise ConfigError(f"--student {args.student}: forward pass on a blank {modality} input failed "
+                          f"({type(e).__name__}: {e})") from None
+    level = "frame" if out.dim() == 3 else "utterance"
+    num_classes = int(out.shape[-1])
+    frame_shift = info["frame_shift_ms"] if level == "frame" else None
+    if level == "frame" and frame_shift is None:
+        raise ConfigError(f"--student {args.student}: a frame-level student must declare frame_shift_ms")
+
+    stored_k = num_classes
+    if manifest is not None:
+        where = f"--soft-targets {args.soft_targets}"
+        if manifest.level != level:
+            raise ConfigError(f"{where}: the cache is {manifest.level} level but the student outputs {level} level")
+        if manifest.num_classes != num_classes:
+            raise ConfigError(f"{where}: the cache has {manifest.num_classes} classes but the student outputs {num_classes}")
+        if level == "frame" and abs(manifest.frame_shift_ms - frame_shift) > 1e-6:
+            raise ConfigError(f"{where}: the teacher's frames are {manifest.frame_shift_ms} ms apart but the student's "
+                              f"are {frame_shift} ms; the student's frame rate must match the teacher's")
+        stored_k = manifest.k
+    if args.top_k is not None and not 1 <= args.top_k <= stored_k:
+        raise ConfigError(f"--top-k {args.top_k}: must be between 1 and the stored k={stored_k}")
+    if online_info and args.top_k is not None:
+        stored_k = args.top_k
+
+    tasks: list[dict] = []
+    n_pseudo = 0
+    if run is not None:
+        moved = {}
+        if args.input:
+            moved = {shard_name(r.uri): r.uri for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)}
+        for name in run.shard_names:
+            rec = manifest.shards[name]
+            uri = moved.get(name, rec.input)
+            if args.input and name not in moved:
+                raise ConfigError(f"--input: no shard named {name!r} (needed by the soft-target run)")
+            tasks.append({"kind": "pseudo", "name": name, "input": uri})
+            n_pseudo += rec.rows
+        if not tasks:
+            raise ConfigError(f"--soft-targets {args.soft_targets}: the run has no complete shard")
+    if args.online_teacher:
+        from pipeline.student.data import count_samples
+
+        for r in storage.expand_shards(args.input, SHARD_EXTENSIONS):
+            tasks.append({"kind": "raw", "name": shard_name(r.uri), "input": r.uri})
+            n_pseudo += count_samples(r.uri)
+    n_labeled = 0
+    if args.labeled:
+        from pipeline.student.data import count_samples
+
+        lab = [(r.uri, count_samples(r.uri)) for r in storage.expand_shards(args.labeled, SHARD_EXTENSIONS)]
+        n_lab_once = sum(n for _, n in lab)
+        rep = 1
+        if tasks and n_lab_once:
+            r = args.labeled_ratio
+            rep = max(1, round(r * n_pseudo / ((1 - r) * n_lab_once)))
+        for i in range(rep):
+            tasks += [{"kind": "labeled", "name": f"{shard_name(u)}#{i}", "input": u} for u, _ in lab]
+        n_labeled = rep * n_lab_once
+    eval_tasks = []
+    if args.eval:
+        eval_tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri}
+                      for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)]
+
+    rows = n_pseudo + n_labeled
+    steps_per_epoch = max(1, math.ceil(rows / args.workers / args.batch_size))
+    total = args.steps or steps_per_epoch * args.epochs
+    epochs = args.epochs if not args.steps else max(args.epochs, math.ceil(args.steps / steps_per_epoch))
+    alpha = args.alpha if (run is not None or args.online_teacher) else 1.0  # labels only: all CE
+    if (run is not None or args.online_teacher) and not args.labeled and alpha == 1.0:
+        raise ConfigError("--alpha 1 puts all weight on labels, but there is no labeled data")
+    factory = student.config["model"]["factory"] if student.kind == "checkpoint" else student.source
+    fingerprint = manifest.fingerprint if manifest else None
+    cfg = {
+        "student": args.student, "student_factory": factory, "student_kwargs": student.kwargs,
+        "modality": modality, "level": level, "num_classes": num_classes, "preprocessing": prep,
+        "stored_k": stored_k, "k": args.top_k, "id_dtype": manifest.id_dtype if manifest else str(id_dtype(num_classes)),
+        "crop": prep.get("crop"), "loss": args.loss, "temperature": args.temperature, "tail": args.tail,
+        "alpha": alpha, "confidence_threshold": args.confidence_threshold, "online_teacher": args.online_teacher,
+        "epochs": epochs, "max_steps": args.steps, "total_steps": total,
+        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else int(0.05 * total),
+        "min_lr_ratio": args.min_lr_ratio, "batch_size": args.batch_size, "optimizer": args.optimizer,
+        "lr": args.lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "grad_clip": args.grad_clip,
+        "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "precision": args.precision,
+        "output": args.output, "has_eval": bool(eval_tasks),
+        "checkpoint_config": {
+            "modality": modality, "level": level, "num_classes": num_classes, "frame_shift_ms": frame_shift,
+            "preprocessing": prep, "class_names": manifest.class_names if manifest else None,
+            "softtargets_fingerprint": fingerprint,
+            "training": {k: v for k, v in vars(args).items() if k not in ("config",)},
+        },
+        "counts": {"pseudo": n_pseudo, "labeled": n_labeled, "steps_per_epoch": steps_per_epoch},
+        "frame_shift_ms": frame_shift,
+    }
+    return cfg, tasks, eval_tasks
+
+
+def _final_done(args, cfg) -> dict | None:
+    uri = storage.join(args.output, FINAL_DIR, CHECKPOINT_CONFIG)
+    if not storage.exists(uri):
+        return None
+    final = json.loads(storage.read_bytes(uri))
+    if final.get("softtargets_fingerprint") != cfg["checkpoint_config"]["softtargets_fingerprint"]:
+        raise ConfigError(f"{args.output}: holds a student trained on another soft-target cache; use a new --output")
+    done = final.get("epoch", 0) >= cfg["epochs"] or (cfg["max_steps"] and final.get("step", 0) >= cfg["max_steps"])
+    return final if done else None
+
+
+def _storage(output: str):
+    """(storage_path, storage_filesystem) for Ray Train: s3 goes through the same s3fs as the rest."""
+    if not storage.is_remote(output):
+        return os.path.abspath(output), None
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(output)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def run(argv=None) -> int:
+    """Entry point of jobs/train_student.py; returns the process exit code."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    try:
+        _validate(args)
+        cfg, tasks, eval_tasks = plan(args)
+        done = _final_done(args, cfg)
+    except (ConfigError, FormatError, FileNotFoundError) as e:
+        parser.error(str(e))
+    c = cfg["counts"]
+    print(f"[train] {cfg['modality']} {cfg['level']}-level student {cfg['student_factory']} on {c['pseudo']:,} "
+          f"soft-target + {c['labeled']:,} labeled samples per epoch; {cfg['epochs']} epoch(s), "
+          f"{c['steps_per_epoch']} steps/epoch, {args.workers} worker(s)", flush=True)
+    if done is not None:
+        print(f"[train] already complete: {storage.join(args.output, FINAL_DIR)} is at epoch {done.get('epoch')}, "
+              f"step {done.get('step')}; nothing to do", flush=True)
+        print(json.dumps({"summary": {"output": args.output, "final": storage.join(args.output, FINAL_DIR),
+                                      "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
+        return 0
+    t0 = time.monotonic()
+    result = fit(args, cfg, tasks, eval_tasks)
+    final_uri = storage.join(args.output, FINAL_DIR)
+    with tempfile.TemporaryDirectory() as d:
+        result.checkpoint.to_directory(d)
+        os.remove(os.path.join(d, "train_state.pt"))  # final/ is the model, not the optimizer
+        storage.put_dir(d, final_uri)
+    from pipeline.student.train import read_metrics
+
+    history = read_metrics(args.output)
+    last = history[-1] if history else {}
+    summary = {"output": args.output, "final": final_uri, "checkpoint": result.checkpoint.path,
+               "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
+               "last": last}
+    print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {last.get('loss')}; final model in "
+          f"{final_uri} (a valid --teacher and --checkpoint)", flush=True)
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+def fit(args, cfg: dict, tasks: list[dict], eval_tasks: list[dict]):
+    """Build the datasets and run the TorchTrainer; returns Ray Train's Result."""
+    import ray
+    from ray.data import DataContext
+    from ray.data._internal.random_config import RandomSeedConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.student.data import ShardRows
+    from pipeline.student.train import train_loop
+
+    init_ray(args.address)
+    DataContext.get_current().enable_progress_bars = False
+    gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
+    if args.device == "cuda" and gpus == 0:
+        raise SystemExit("--device cuda: the Ray cluster has no GPUs")
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if args.workers * args.cpus_per_worker > cpus - 1:
+        raise SystemExit(f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} leaves less than one of "
+                         f"the cluster's {cpus:g} CPUs for decoding the data; lower --cpus-per-worker (e.g. 0.5)")
+    rows = ShardRows(cfg["preprocessing"], args.soft_targets, cfg["level"], args.label_frame_shift_ms,
+                     cfg["frame_shift_ms"])
+
+    def dataset(items: list[dict], shuffle: bool):
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        if shuffle:  # a new shard order every epoch (every execution), reproducible from the seed
+            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=args.seed, reseed_after_execution=True))
+        return ds.map_batches(rows, batch_size=1, num_cpus=1)
+
+    datasets = {"train": dataset(tasks, shuffle=True)}
+    if eval_tasks:
+        datasets["eval"] = dataset(eval_tasks, shuffle=False)
+    path, fs = _storage(args.output)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result
+
+
+def main() -> None:
+    sys.exit(run())
