@@ -146,8 +146,9 @@ class AudioFrontend(nn.Module):
     forward(wave (B, N) float32 zero-padded, lengths (B,) samples)
       -> (features (B, T, F), feature lengths (B,)) for logmel/fbank,
          (wave (B, N), lengths) for features="none".
-    Log-mel frames: T = N // hop + 1 (centred STFT); a row's valid frames are
-    lengths // hop + 1, so padding never leaks into valid frames' statistics.
+    Log-mel frames: T = N // hop + 1 (centred STFT, zero-padded at the edges); a row's valid
+    frames are lengths // hop + 1. Edge padding is zeros, like batch padding, so a row's
+    features are the same alone or in a padded batch.
     """
 
     def __init__(self, prep: AudioPreprocessing):
@@ -160,7 +161,7 @@ class AudioFrontend(nn.Module):
             n_fft = 1 << max(0, math.ceil(math.log2(win)))
             self.mel = torchaudio.transforms.MelSpectrogram(
                 sample_rate=prep.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
-                n_mels=prep.n_mels, power=2.0, center=True,
+                n_mels=prep.n_mels, power=2.0, center=True, pad_mode="constant",
             )
 
     def feature_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
