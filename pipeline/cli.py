@@ -73,3 +73,13 @@ def _repo_root_pythonpath() -> str:
     return os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
 
 
+
+
+def spread_tasks() -> dict:
+    """Ray remote args for CPU decode tasks: spread over the cluster's nodes.
+
+    Passed as ``map_batches(ray_remote_args_fn=spread_tasks)``; an op with a remote-args
+    function is never fused with its neighbour, so decode tasks stay separate from model
+    actors and the two overlap instead of running one after the other inside the actor.
+    """
+    return {"scheduling_strategy": "SPREAD"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -128,7 +127,10 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
         return
     directory = os.path.dirname(os.path.abspath(uri))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(uri)}-{uuid.uuid4().hex[:8]}-", dir=directory)
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the shard from
+    # other users of a shared cache. O_EXCL + a random name is just as safe; mode follows umask.
+    tmp = os.path.join(directory, f".tmp-{os.path.basename(uri)}-{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -139,6 +141,21 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename durable (best effort: not every filesystem can fsync a directory)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def remove(uri: str) -> None:
@@ -153,3 +170,13 @@ def listdir(uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(_with_protocol(fs, uri, i["name"]) for i in fs.ls(path, detail=True) if i.get("type") == "file")
+
+
+def put_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (local or s3://), file by file, each atomically."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                atomic_write_bytes(join(uri, rel), f.read())

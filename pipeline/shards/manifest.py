@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.shards.schema import FORMAT_NAME, FORMAT_VERSION, LEVELS
+from pipeline.softtargets import id_dtype
 
 MANIFEST_FILE = "manifest.json"
 STATUS_DIR = "_status"
@@ -28,7 +29,7 @@ REQUIRED_FIELDS = (
     "format", "format_version", "fingerprint", "teacher", "modality", "level", "preprocessing",
     "k", "num_classes", "frame_shift_ms", "encoding", "id_dtype", "shards", "software", "created",
 )
-SHARD_FIELDS = ("input", "output", "errors", "rows", "error_rows", "sha256", "bytes", "status")
+SHARD_FIELDS = ("input", "output", "errors", "rows", "error_rows", "sha256", "bytes", "status", "frames")
 
 
 class FormatError(ValueError):
@@ -153,10 +154,17 @@ def parse_manifest(text: str, uri: str) -> Manifest:
             raise FormatError(f"{uri}: {name} must be a positive integer, got {d[name]!r}")
     if d["k"] > d["num_classes"]:
         raise FormatError(f"{uri}: k={d['k']} exceeds num_classes={d['num_classes']}")
+    if d["id_dtype"] != id_dtype(d["num_classes"]).name:
+        raise FormatError(f"{uri}: id_dtype {d['id_dtype']!r} does not fit num_classes={d['num_classes']} "
+                          f"(expected {id_dtype(d['num_classes']).name!r})")
+    if not isinstance(d["shards"], dict):
+        raise FormatError(f"{uri}: shards must be an object keyed by shard name, got {type(d['shards']).__name__}")
     if d["level"] == "frame" and not d["frame_shift_ms"]:
         raise FormatError(f"{uri}: frame-level run without frame_shift_ms")
     shards = {}
     for name, rec in d["shards"].items():
+        if not isinstance(rec, dict):
+            raise FormatError(f"{uri}: shard {name!r} must be an object, got {type(rec).__name__}")
         _require(rec, SHARD_FIELDS, f"{uri}: shard {name!r}")
         shards[name] = ShardRecord(**{k: rec[k] for k in ShardRecord.__dataclass_fields__ if k in rec})
     d["shards"] = shards
@@ -177,12 +185,12 @@ def load_manifest(run_uri: str) -> Manifest | None:
             rec = json.loads(storage.read_bytes(status_uri))
             name = rec.pop("name")
             _require(rec, SHARD_FIELDS, status_uri)
-        except (ValueError, KeyError) as e:
-            raise FormatError(f"{status_uri}: unreadable shard status ({e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{status_uri}: unreadable shard status ({e!r})") from None
         if rec.get("fingerprint", manifest.fingerprint) != manifest.fingerprint:
             continue  # a status left by another fingerprint never counts
-        rec.pop("fingerprint", None)
-        manifest.shards.setdefault(name, ShardRecord(**rec))
+        fields = ShardRecord.__dataclass_fields__
+        manifest.shards.setdefault(name, ShardRecord(**{k: v for k, v in rec.items() if k in fields}))
     return manifest
 
 

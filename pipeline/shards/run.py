@@ -47,6 +47,18 @@ def encode_errors(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def _check_ids(uri: str, table: pa.Table, num_classes: int) -> None:
+    """Class ids and argmax must lie in 0..num_classes-1."""
+    for c in ("ids", "argmax"):
+        col = table.column(c)
+        while pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
+            col = pc.list_flatten(col)
+        if len(col):
+            top = pc.max(col).as_py()
+            if top is not None and top >= num_classes:
+                raise FormatError(f"{uri}: class id {top} in column {c} out of range for num_classes={num_classes}")
+
+
 class RunWriter:
     """Writes shards into a run directory and keeps its manifest up to date (thread-safe).
 
@@ -91,6 +103,13 @@ class RunWriter:
         errors: rows {key, input, reason, detail} for the shard's quarantined keys.
         """
         m = self.manifest
+        out_uri = storage.join(self.uri, SHARDS_DIR, f"{name}{ENCODINGS[m.encoding]}")
+        want = softtarget_schema(m.level, m.k, m.num_classes)
+        got = pa.schema([f.remove_metadata() for f in table.schema])
+        if not got.equals(want):
+            raise FormatError(f"{out_uri}: table columns {got} do not match the manifest's level={m.level} "
+                              f"k={m.k} num_classes={m.num_classes} (expected {want}); nothing written")
+        _check_ids(out_uri, table, m.num_classes)
         if m.encoding == "parquet":
             data = pq_enc.encode(table, {**m.key_facts(), "input": input_uri})
         else:
@@ -171,9 +190,19 @@ class SoftTargetRun:
             tables = pq_enc.iter_tables(pf, uri, FormatError, batch_rows)
         else:
             tables = wds_enc.iter_tables(f, uri, FormatError, m.level, m.k, m.num_classes, batch_rows)
+        rec = self._record(name)
+        rows = frames = 0
         for t in tables:
-            self._check_ids(uri, t)
+            _check_ids(uri, t, m.num_classes)
+            rows += t.num_rows
+            if m.level == "frame":
+                frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
             yield t
+        # A tar cut at a member boundary still parses; the counts in the manifest catch it.
+        if rows != rec.rows or (m.level == "frame" and frames != rec.frames):
+            problem = "truncated shard" if rows < rec.rows or frames < rec.frames else "row count mismatch"
+            raise FormatError(f"{uri}: {problem} ({rows} rows / {frames} frames read, manifest says "
+                              f"{rec.rows} rows / {rec.frames} frames)")
 
     def read_table(self, name: str, verify: bool = True) -> pa.Table:
         """One whole shard as a canonical table."""
@@ -201,12 +230,3 @@ class SoftTargetRun:
         if not got.equals(self.schema.remove_metadata()):
             raise FormatError(f"{uri}: columns {got} do not match the manifest's level={m.level} k={m.k} "
                               f"num_classes={m.num_classes} (expected {self.schema.remove_metadata()})")
-
-    def _check_ids(self, uri: str, table: pa.Table) -> None:
-        ids = table.column("ids")
-        while pa.types.is_list(ids.type) or pa.types.is_fixed_size_list(ids.type) or pa.types.is_large_list(ids.type):
-            ids = pc.list_flatten(ids)
-        if len(ids):
-            top = pc.max(ids).as_py()
-            if top is not None and top >= self.manifest.num_classes:
-                raise FormatError(f"{uri}: class id {top} out of range for num_classes={self.manifest.num_classes}")

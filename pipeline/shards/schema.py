@@ -15,6 +15,11 @@ Frame level, one row per key, every per-frame column a list over the T frames:
     argmax list<uintN>, confidence list<float16>, entropy list<float16>
 
 uintN is the smallest unsigned integer type that holds num_classes - 1.
+
+Stored log-probabilities are finite: anything below LOGPROB_FLOOR = -65504 (the most negative
+finite float16), including -inf from masked classes or softmax underflow, is stored as
+LOGPROB_FLOOR. exp(-65504) is 0 in every float type, so no probability is lost, and readers
+never meet ``0 * -inf = nan`` (e.g. in ``kl_div(..., log_target=True)``). NaN is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pipeline.softtargets import TopK, id_dtype
 
 FORMAT_NAME = "kdpipe.softtargets"
 FORMAT_VERSION = 1
+LOGPROB_FLOOR = float(np.finfo(np.float16).min)  # -65504.0
 LEVELS = ("utterance", "frame")
 # Per-row value columns (after key / num_frames), in file order.
 VALUE_COLUMNS = ("ids", "logprobs", "logsumexp", "argmax", "confidence", "entropy")
@@ -77,6 +83,20 @@ def _storage_dtypes(num_classes: int) -> dict[str, np.dtype]:
     }
 
 
+def _to_storage(c: str, a, dtype: np.dtype, num_classes: int, what: str) -> np.ndarray:
+    """One column's values in their storage dtype, enforcing the value rules of the format."""
+    a = np.asarray(a)
+    if c == "logprobs" or c == "logsumexp":
+        if np.isnan(a).any():
+            raise ValueError(f"{what}: {c} contains NaN; quarantine the key instead of caching it")
+        if c == "logprobs":
+            a = np.maximum(a, LOGPROB_FLOOR)  # -inf and underflow -> -65504 (probability 0)
+    elif c in ("ids", "argmax") and a.size:
+        if a.min() < 0 or a.max() >= num_classes:
+            raise ValueError(f"{what}: {c} {int(a.min())}..{int(a.max())} out of range for num_classes={num_classes}")
+    return a.astype(dtype, copy=False)
+
+
 def rows_from_topk(topk: TopK, num_classes: int, num_frames: np.ndarray | None = None) -> dict[str, list]:
     """Split a batch of TopK into per-row numpy arrays in storage dtypes.
 
@@ -88,11 +108,11 @@ def rows_from_topk(topk: TopK, num_classes: int, num_frames: np.ndarray | None =
     dtypes = _storage_dtypes(num_classes)
     out: dict[str, list] = {}
     for c in VALUE_COLUMNS:
-        a = arrays[c].astype(dtypes[c], copy=False)
         if num_frames is None:
-            out[c] = list(a)
-        else:
-            out[c] = [a[b, : int(n)] for b, n in enumerate(num_frames)]
+            out[c] = list(_to_storage(c, arrays[c], dtypes[c], num_classes, "batch"))
+        else:  # frames beyond num_frames[b] are padding: neither checked nor kept
+            out[c] = [_to_storage(c, arrays[c][b, : int(n)], dtypes[c], num_classes, f"batch row {b}")
+                      for b, n in enumerate(num_frames)]
     if num_frames is not None:
         out["num_frames"] = [np.int32(n) for n in num_frames]
     return out
@@ -110,7 +130,8 @@ def table_from_rows(keys: list[str], rows: dict[str, list], level: str, k: int, 
     cols: dict[str, pa.Array] = {"key": pa.array(keys, type=pa.string())}
     if level == "utterance":
         for c in VALUE_COLUMNS:
-            vals = np.asarray(rows[c], dtype=dtypes[c]) if n else np.zeros((0, k) if c in ("ids", "logprobs") else (0,), dtypes[c])
+            vals = (_to_storage(c, rows[c], dtypes[c], num_classes, "rows") if n
+                    else np.zeros((0, k) if c in ("ids", "logprobs") else (0,), dtypes[c]))
             if c in ("ids", "logprobs"):
                 vals = vals.reshape(n, k)
                 cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1)), k)
@@ -122,7 +143,7 @@ def table_from_rows(keys: list[str], rows: dict[str, list], level: str, k: int, 
         np.cumsum(frames, out=offsets[1:])
         cols["num_frames"] = pa.array(frames, type=pa.int32())
         for c in VALUE_COLUMNS:
-            per = [np.asarray(r, dtype=dtypes[c]) for r in rows[c]]
+            per = [_to_storage(c, r, dtypes[c], num_classes, f"key {keys[i]!r}") for i, r in enumerate(rows[c])]
             for i, r in enumerate(per):
                 if r.shape[0] != frames[i]:
                     raise ValueError(f"key {keys[i]!r}: column {c} has {r.shape[0]} frames, num_frames says {frames[i]}")

@@ -17,7 +17,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 
-from pipeline.shards.schema import VALUE_COLUMNS, table_from_rows
+from pipeline.shards.schema import VALUE_COLUMNS, _storage_dtypes, table_from_rows
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -81,6 +81,10 @@ def _samples(f, uri: str, error_cls):
                     sample[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
                 except ValueError as e:
                     raise error_cls(f"{uri}: member {m.name!r} is not a valid .npy ({e})") from None
+            # tarfile stops quietly at end of data; a complete archive ends with a zero block
+            # (end-of-archive marker), so a tar cut between two members is caught here.
+            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                raise error_cls(f"{uri}: truncated tar shard (no end-of-archive marker after byte {tar.offset})")
     except (tarfile.ReadError, EOFError) as e:
         raise error_cls(f"{uri}: truncated or corrupt tar shard ({e})") from None
     if key is not None:
@@ -90,19 +94,15 @@ def _samples(f, uri: str, error_cls):
 def iter_tables(f, uri: str, error_cls, level: str, k: int, num_classes: int, batch_rows: int = 4096):
     """Stream a tar shard as canonical tables of at most ``batch_rows`` rows."""
     needed = set(VALUE_COLUMNS) | ({"num_frames"} if level == "frame" else set())
+    dtypes = {**_storage_dtypes(num_classes), "num_frames": np.dtype(np.int32)}
     keys: list[str] = []
     rows: dict[str, list] = {c: [] for c in needed}
     for key, sample in _samples(f, uri, error_cls):
         missing = needed - set(sample)
         if missing:
-            raise error_cls(f"{uri}: sample {key!r} lacks member(s) {', '.join(sorted(missing))}")
-        ids = sample["ids"]
-        expect_shape = (k,) if level == "utterance" else (int(sample["num_frames"]), k)
-        if ids.shape != expect_shape or sample["logprobs"].shape != expect_shape:
-            raise error_cls(
-                f"{uri}: sample {key!r} has ids {ids.shape} / logprobs {sample['logprobs'].shape}, "
-                f"expected {expect_shape} for level={level} k={k}"
-            )
+            raise error_cls(f"{uri}: sample {key!r} lacks member(s) {', '.join(sorted(missing))}, required at "
+                            f"level={level}: corrupt shard, or one that does not match its manifest")
+        _check_sample(uri, error_cls, key, sample, level, k, dtypes)
         keys.append(key)
         for c in needed:
             rows[c].append(sample[c])
@@ -113,8 +113,31 @@ def iter_tables(f, uri: str, error_cls, level: str, k: int, num_classes: int, ba
         yield _table(keys, rows, level, k, num_classes, uri, error_cls)
 
 
+def _check_sample(uri, error_cls, key, sample, level, k, dtypes) -> None:
+    """Every member has the dtype and shape the manifest implies (the tar's "schema")."""
+    if level == "frame":
+        nf = sample["num_frames"]
+        if nf.shape != () or nf.dtype != dtypes["num_frames"] or int(nf) < 0:
+            raise error_cls(f"{uri}: sample {key!r} member num_frames is {nf.dtype}{nf.shape}, expected a "
+                            "non-negative int32 scalar")
+        lead = (int(nf),)
+    else:
+        lead = ()
+    for c in VALUE_COLUMNS:
+        a = sample[c]
+        shape = lead + ((k,) if c in ("ids", "logprobs") else ())
+        if a.shape != shape or a.dtype != dtypes[c]:
+            raise error_cls(
+                f"{uri}: sample {key!r} member {c} is {a.dtype}{list(a.shape)}, expected {dtypes[c]}{list(shape)} "
+                f"for level={level} k={k}: shard does not match its manifest"
+            )
+
+
 def _table(keys, rows, level, k, num_classes, uri, error_cls) -> pa.Table:
     ids_max = max((int(np.max(a)) for a in rows["ids"] if np.size(a)), default=-1)
     if ids_max >= num_classes:
         raise error_cls(f"{uri}: class id {ids_max} out of range for num_classes={num_classes}")
-    return table_from_rows(keys, rows, level, k, num_classes)
+    try:
+        return table_from_rows(keys, rows, level, k, num_classes)
+    except ValueError as e:
+        raise error_cls(f"{uri}: invalid values ({e})") from None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.cli import init_ray
+from pipeline.cli import init_ray, spread_tasks
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.models.base import output_lengths
@@ -158,12 +158,11 @@ def evaluate(args, cfg: dict, tasks: list[dict], run_uri: str | None, frame_shif
     use_gpu = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
     rows = ShardRows(cfg["preprocessing"], run_uri, cfg["level"], args.label_frame_shift_ms, frame_shift_ms)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(rows, batch_size=1, num_cpus=1, scheduling_strategy="SPREAD")
+    ds = ds.map_batches(rows, batch_size=1, num_cpus=1, ray_remote_args_fn=spread_tasks)
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size,
                         fn_constructor_kwargs={"checkpoint": args.checkpoint, "cfg": cfg,
                                                "device": "cuda" if use_gpu else "cpu"},
-                        compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if use_gpu else 0,
-                        scheduling_strategy="DEFAULT")
+                        compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if use_gpu else 0)
     totals = dict.fromkeys(STAT_NAMES, 0.0)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in STAT_NAMES:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import storage
-from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing
+from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing, spread_tasks
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.fingerprint import fingerprint
 from pipeline.inputs import SHARD_EXTENSIONS, sniff_modality, unique_shard_names
@@ -211,12 +211,11 @@ def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], coll
           f"batch {args.batch_size}, {len(shards)} shard(s) to compute", flush=True)
     parquet_options = {"key_column": args.key_column, "data_column": args.data_column}
     ds = ray.data.from_items([{"name": n, "uri": u} for n, u in shards], override_num_blocks=len(shards))
-    # Decode runs as plain tasks (one per shard) spread over the cluster's CPUs. The differing
-    # scheduling strategies (SPREAD here, DEFAULT for the actors) also keep Ray Data from fusing
-    # decode into the teacher actors, which would serialise decode and forward instead of
-    # overlapping them.
+    # Decode runs as plain tasks (one per shard) spread over the cluster's CPUs. Giving it a
+    # ray_remote_args_fn also keeps Ray Data from fusing decode into the teacher actors, which
+    # would serialise decode and forward instead of overlapping them.
     ds = ds.map_batches(DecodeShards(plan.preprocessing, args.bucket_rows, parquet_options), batch_size=1, num_cpus=1,
-                        scheduling_strategy="SPREAD")
+                        ray_remote_args_fn=spread_tasks)
     ds = ds.map_batches(
         TeacherPredictor, batch_size=args.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"specs": plan.specs, "preprocessing": plan.preprocessing, "level": plan.level,
@@ -224,7 +223,6 @@ def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], coll
                                "device": "cuda" if use_gpu else "cpu"},
         compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         num_gpus=args.gpus_per_actor if use_gpu else 0, num_cpus=args.cpus_per_actor,
-        scheduling_strategy="DEFAULT",
     )
     collector.progress.restart()  # throughput counts from here: Ray start-up is reported apart
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -237,14 +235,17 @@ def report(writer: RunWriter, progress: Progress, skipped: int, reasons: Counter
     """Print the summary (table + one JSON line), record it in the manifest, return the exit code."""
     m = writer.manifest
     el = progress.elapsed
-    processed = progress.samples + progress.errors
-    rate = progress.errors / processed if processed else 0.0
+    # The exit code judges the whole run directory, so a rerun (or a cache hit) over a run with
+    # too many quarantined keys still fails.
+    run_rows = sum(r.rows for r in m.shards.values())
+    run_errors = sum(r.error_rows for r in m.shards.values())
+    rate = run_errors / (run_rows + run_errors) if run_rows + run_errors else 0.0
     units = progress.frames if m.level == "frame" else progress.samples
     summary = {
         "output": args.output, "fingerprint": m.fingerprint, "cache_hit": cache_hit,
         "shards_done": progress.shards, "shards_skipped": skipped, "shards_total": len(m.shards),
         "samples": progress.samples, "frames": progress.frames, "errors": progress.errors,
-        "errors_by_reason": dict(sorted(reasons.items())), "error_rate": round(rate, 6),
+        "errors_by_reason": dict(sorted(reasons.items())), "run_error_rate": round(rate, 6),
         "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2), "samples_per_s": round(progress.samples / el, 2) if el > 0 else 0.0,
         "bytes_written": progress.written,
         "bytes_per_sample": round(progress.written / progress.samples, 2) if progress.samples else None,
@@ -256,7 +257,7 @@ def report(writer: RunWriter, progress: Progress, skipped: int, reasons: Counter
     print("[pseudo-label] summary")
     print(f"  shards       {progress.shards} done, {skipped} skipped (cached), {len(m.shards)} in the run")
     print(f"  samples      {progress.samples:,}" + (f" ({progress.frames:,} frames)" if m.level == "frame" else ""))
-    print(f"  errors       {progress.errors:,} ({rate:.2%})" +
+    print(f"  errors       {progress.errors:,} (run directory: {run_errors:,} of {run_rows + run_errors:,}, {rate:.2%})" +
           "".join(f"\n    {r:<20} {n:,}" for r, n in sorted(reasons.items())))
     print(f"  throughput   {summary['samples_per_s']:,} samples/s over {fmt_duration(el)} "
           f"(+{progress.startup:.1f} s start-up)")

@@ -17,7 +17,7 @@ from pipeline.models.base import output_lengths
 from pipeline.models.spec import build_model, parse_spec
 from pipeline.modalities import make_frontend, preprocessing_from_dict
 from pipeline.shards.schema import rows_from_topk, softtarget_schema, table_from_rows
-from pipeline.softtargets import ensemble_logprobs, topk_from_logits, topk_from_logprobs
+from pipeline.softtargets import TopK, ensemble_logprobs, topk_from_logits, topk_from_logprobs
 from pipeline.teacher.decode import ERROR, SAMPLE
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -148,13 +148,14 @@ class TeacherPredictor:
         if finite.dim() > 1:  # ensemble: every member must be finite
             finite = finite.all(0)
         finite = finite.cpu().numpy()
-        frames = out_frames.cpu().numpy() if out_frames is not None else None
-        rows = rows_from_topk(topk, self.num_classes, frames)
         good = np.nonzero(finite)[0]
         parts = []
         if len(good):
-            st = table_from_rows([keys[i] for i in good], {c: [v[i] for i in good] for c, v in rows.items()},
-                                 self.level, self.k, self.num_classes)
+            sel = torch.from_numpy(good).to(topk.ids.device)
+            topk = TopK(**{f: getattr(topk, f).index_select(0, sel) for f in TopK.__dataclass_fields__})
+            frames = out_frames.index_select(0, sel).cpu().numpy() if out_frames is not None else None
+            rows = rows_from_topk(topk, self.num_classes, frames)
+            st = table_from_rows([keys[i] for i in good], rows, self.level, self.k, self.num_classes)
             n = len(good)
             shard = samples.column("shard").take(pa.array(good))
             extra = {"shard": shard, "kind": pa.array(np.full(n, SAMPLE, np.int8)), "reason": pa.nulls(n, pa.string()),
