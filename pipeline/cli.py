@@ -10,6 +10,9 @@ from pipeline.modalities import preprocessing_from_dict
 
 AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "n_mels", "win_ms": "win_ms",
                "hop_ms": "hop_ms", "chunk_seconds": "chunk_seconds", "crop_seconds": "crop_seconds"}
+# Memory reserved per CPU decode task (a length bucket of decoded audio). Being set on decode
+# and not on model actors, it also keeps Ray Data from fusing the two operators.
+DECODE_TASK_MEMORY = 512 * 1024 * 1024
 IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std"}
 
 
@@ -74,12 +77,3 @@ def _repo_root_pythonpath() -> str:
 
 
 
-
-def spread_tasks() -> dict:
-    """Ray remote args for CPU decode tasks: spread over the cluster's nodes.
-
-    Passed as ``map_batches(ray_remote_args_fn=spread_tasks)``; an op with a remote-args
-    function is never fused with its neighbour, so decode tasks stay separate from model
-    actors and the two overlap instead of running one after the other inside the actor.
-    """
-    return {"scheduling_strategy": "SPREAD"}

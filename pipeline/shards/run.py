@@ -25,7 +25,7 @@ from pipeline.shards import parquet as pq_enc
 from pipeline.shards import wds as wds_enc
 from pipeline.shards.manifest import (
     ENCODINGS, ERRORS_DIR, MANIFEST_FILE, SHARDS_DIR, FormatError, Manifest, ShardRecord,
-    load_manifest, save_manifest, write_status,
+    load_manifest, parse_manifest, save_manifest, write_status,
 )
 from pipeline.shards.schema import ERRORS_SCHEMA, softtarget_schema, table_to_numpy
 
@@ -71,6 +71,8 @@ class RunWriter:
         self._lock = threading.Lock()
         self._interval = manifest_interval_s
         self._last_save = 0.0
+        # never write a manifest that a reader would refuse
+        parse_manifest(manifest.to_json(), f"{storage.join(run_uri, MANIFEST_FILE)} (new manifest)")
         existing = load_manifest(run_uri)
         if existing is not None:
             where = storage.join(run_uri, MANIFEST_FILE)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.cli import init_ray, spread_tasks
+from pipeline.cli import DECODE_TASK_MEMORY, init_ray
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.models.base import output_lengths
@@ -158,7 +158,7 @@ def evaluate(args, cfg: dict, tasks: list[dict], run_uri: str | None, frame_shif
     use_gpu = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
     rows = ShardRows(cfg["preprocessing"], run_uri, cfg["level"], args.label_frame_shift_ms, frame_shift_ms)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(rows, batch_size=1, num_cpus=1, ray_remote_args_fn=spread_tasks)
+    ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size,
                         fn_constructor_kwargs={"checkpoint": args.checkpoint, "cfg": cfg,
                                                "device": "cuda" if use_gpu else "cpu"},

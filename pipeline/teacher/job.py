@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import storage
-from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing, spread_tasks
+from pipeline.cli import DECODE_TASK_MEMORY, add_preprocessing_flags, init_ray, resolve_preprocessing
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.fingerprint import fingerprint
 from pipeline.inputs import SHARD_EXTENSIONS, sniff_modality, unique_shard_names
@@ -211,11 +211,11 @@ def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], coll
           f"batch {args.batch_size}, {len(shards)} shard(s) to compute", flush=True)
     parquet_options = {"key_column": args.key_column, "data_column": args.data_column}
     ds = ray.data.from_items([{"name": n, "uri": u} for n, u in shards], override_num_blocks=len(shards))
-    # Decode runs as plain tasks (one per shard) spread over the cluster's CPUs. Giving it a
-    # ray_remote_args_fn also keeps Ray Data from fusing decode into the teacher actors, which
-    # would serialise decode and forward instead of overlapping them.
+    # Decode runs as plain CPU tasks, one per shard. Its memory reservation (a bucket of decoded
+    # audio) also makes its remote args differ from the teacher's, so Ray Data does not fuse the
+    # two into one actor, which would serialise decode and forward instead of overlapping them.
     ds = ds.map_batches(DecodeShards(plan.preprocessing, args.bucket_rows, parquet_options), batch_size=1, num_cpus=1,
-                        ray_remote_args_fn=spread_tasks)
+                        memory=DECODE_TASK_MEMORY)
     ds = ds.map_batches(
         TeacherPredictor, batch_size=args.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"specs": plan.specs, "preprocessing": plan.preprocessing, "level": plan.level,

@@ -1,0 +1,110 @@
+"""Distillation losses against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.softtargets import topk_from_logits
+from pipeline.student.losses import combine, distill_loss, hard_ce, kd_kl, kd_mse
+from pipeline.student.train import StepLoss, lr_lambda
+
+
+def _ref_kl(teacher_logits, student_logits, T):
+    p = torch.softmax(teacher_logits.double() / T, -1)
+    log_q = torch.log_softmax(student_logits.double() / T, -1)
+    return (p * (p.log() - log_q)).sum(-1)
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_kd_at_k_equals_c_is_the_full_distribution_kl_with_t_squared(T):
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(6, 12, generator=g) * 3, torch.randn(6, 12, generator=g) * 3
+    tk = topk_from_logits(t, 12)  # k = C, kept in float32 (no storage rounding)
+    got = kd_kl(s, tk.ids, tk.logprobs, T).double()
+    want = _ref_kl(t, s, T) * T * T
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    # the spread tail is the same thing at k = C
+    assert torch.allclose(kd_kl(s, tk.ids, tk.logprobs, T, tail="spread").double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_kd_topk_renormalised_reference():
+    g = torch.Generator().manual_seed(1)
+    t, s = torch.randn(4, 20, generator=g) * 2, torch.randn(4, 20, generator=g)
+    tk = topk_from_logits(t, 5)
+    T, k = 2.0, 3
+    got = kd_kl(s, tk.ids, tk.logprobs, T, k=k).double()
+    ids = tk.ids[:, :k]
+    p = torch.softmax(torch.gather(t.double(), 1, ids) / T, -1)  # renormalised over the kept classes
+    log_q = torch.log_softmax(s.double() / T, -1).gather(1, ids)
+    assert torch.allclose(got, (p * (p.log() - log_q)).sum(-1) * T * T, atol=1e-5)
+    assert (got >= -1e-6).all()
+
+
+def test_mse_on_topk_logits():
+    g = torch.Generator().manual_seed(2)
+    t, s = torch.randn(5, 9, generator=g) * 4 + 7, torch.randn(5, 9, generator=g)
+    tk = topk_from_logits(t, 4)
+    got = kd_mse(s, tk.ids, tk.logprobs, tk.logsumexp, k=2).double()
+    ids = tk.ids[:, :2]
+    want = ((s.double().gather(1, ids) - t.double().gather(1, ids)) ** 2).mean(-1)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(distill_loss("mse", s, tk.ids, tk.logprobs, tk.logsumexp, k=2).double(), got)
+
+
+def test_hard_ce_ignores_missing_labels_and_hard_pseudo_uses_top1():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 6, generator=g)
+    labels = torch.tensor([1, -1, 5, 0])
+    got = hard_ce(s, labels)
+    ref = -torch.log_softmax(s.double(), -1)[torch.arange(4), labels.clamp_min(0)]
+    assert got[1] == 0 and torch.allclose(got[[0, 2, 3]].double(), ref[[0, 2, 3]], atol=1e-6)
+    tk = topk_from_logits(torch.randn(4, 6, generator=g), 3)
+    assert torch.allclose(distill_loss("hard", s, tk.ids, tk.logprobs, tk.logsumexp), hard_ce(s, tk.ids[:, 0]))
+
+
+def test_combine_weights_alpha_by_position_counts():
+    hard, soft = torch.tensor([2.0, 4.0, 0.0]), torch.tensor([0.0, 1.0, 3.0])
+    hw, sw = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
+    got = combine(hard, hw, soft, sw, alpha=0.25)
+    assert got.item() == pytest.approx((0.25 * 6 + 0.75 * 4) / (0.25 * 2 + 0.75 * 2))
+    assert combine(hard, hw, soft, torch.zeros(3), 0.25).item() == pytest.approx(3.0)  # labels only: plain CE mean
+
+
+class _Shift:  # a frame-level "model": output frames = input frames (10 ms), for output_lengths
+    def output_lengths(self, lengths):
+        return lengths
+
+
+def test_frame_loss_is_masked_by_lengths_and_confidence():
+    g = torch.Generator().manual_seed(4)
+    B, T, C, k = 2, 7, 5, 3
+    teacher = torch.randn(B, T, C, generator=g) * 2
+    tk = topk_from_logits(teacher, k)
+    logits = torch.randn(B, T, C, generator=g)
+    b = {"t_ids": tk.ids, "t_lp": tk.logprobs, "t_lse": tk.logsumexp, "t_conf": tk.confidence,
+         "t_frames": torch.tensor([7, 4]), "has_t": torch.tensor([True, True]),
+         "flabels": torch.full((B, 0), -1), "feat_frames": T}
+    cfg = {"level": "frame", "loss": "kl", "temperature": 2.0, "k": None, "tail": "renormalize", "alpha": 0.5,
+           "confidence_threshold": 0.0}
+    loss, stats = StepLoss(cfg)(_Shift(), logits, torch.tensor([7, 5]), b)
+    per = kd_kl(logits, tk.ids, tk.logprobs, 2.0)  # (B, T)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)  # min(student 5, teacher 4) for row 2
+    assert stats["soft_n"] == 11
+    assert loss.item() == pytest.approx(per[mask].mean().item(), rel=1e-5)
+    # Garbage in masked frames changes nothing.
+    logits2 = logits.clone()
+    logits2[1, 4:] = 1e4
+    assert StepLoss(cfg)(_Shift(), logits2, torch.tensor([7, 5]), b)[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    # A confidence threshold drops the frames below it.
+    cfg["confidence_threshold"] = float(tk.confidence.median())
+    _, stats = StepLoss(cfg)(_Shift(), logits, torch.tensor([7, 5]), b)
+    assert stats["soft_n"] == int(((tk.confidence >= cfg["confidence_threshold"]) & mask).sum())
+
+
+def test_warmup_then_cosine():
+    assert lr_lambda(0, 10, 100) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100) == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100) == pytest.approx(0.5)
+    assert lr_lambda(100, 10, 100) == pytest.approx(0.0)
+    assert lr_lambda(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
