@@ -60,8 +60,13 @@ def resolve_preprocessing(modality: str, from_model: dict | None, args) -> dict:
 
 
 def init_ray(address: str | None) -> None:
+    """Connect to --address / $RAY_ADDRESS, else start an embedded local Ray (once per process)."""
+    import logging
+
     import ray
 
+    # The jobs print their own progress; Ray Data's per-dataset INFO lines would drown it.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -13,6 +13,7 @@ without per-element overhead); ``collate`` turns a batch of them into padded ten
 from __future__ import annotations
 
 import io
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.inputs import iter_shard
 from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare, preprocessing_from_dict
 from pipeline.shards import SoftTargetRun
 
+log = logging.getLogger("kdpipe.data")
 PSEUDO, LABELED = 0, 1
 TRAIN_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -131,19 +133,26 @@ class ShardRows:
     def labeled(self, uri: str, require_labels: bool = True) -> Iterator[dict]:
         """Decoded samples with their labels; require_labels=False also takes unlabeled ones."""
         seen = set()
+        skipped: dict[str, int] = {}
         for raw in iter_shard(uri, self.exts, **self.parquet_options):
-            if raw.error is not None or raw.key in seen:
-                continue  # unusable labeled samples are skipped; pseudo-labelling reports them
+            if raw.key in seen:
+                skipped["duplicate_key"] = skipped.get("duplicate_key", 0) + 1
+                continue
             seen.add(raw.key)
             try:
+                if raw.error is not None:
+                    raise raw.error
                 label, frames = _labels(raw.members)
                 pieces = self._pieces(raw)
-            except DecodeError:
+            except DecodeError as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
             if require_labels and label < 0 and frames is None:
                 raise PairingError(f"{uri}: labeled sample {raw.key!r} has no .cls or .frames.npy label")
             for key, arr, bounds in pieces:
                 yield self._row(key, LABELED, arr, label, self._frame_labels(frames, bounds))
+        if skipped:  # unusable labeled samples are skipped, and said so (they reach the job's log)
+            log.warning(f"{uri}: skipped {sum(skipped.values())} unusable sample(s): {skipped}")
 
     def pseudo(self, name: str, uri: str) -> Iterator[dict]:
         cols = self.run.read_numpy(name)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labeled-ratio", type=float, default=0.2,
                    help="share of labeled samples in each epoch when mixing with soft targets (labeled shards are "
                         "repeated to reach it)")
+    g.add_argument("--labeled-repeat", type=int, default=None,
+                   help="passes over the labeled shards per epoch (default: 1, or what --labeled-ratio needs when "
+                        "mixing); makes epochs over a small labeled set longer and cheaper")
     g.add_argument("--eval", nargs="+", metavar="URI", default=None, help="labeled shards evaluated after every epoch")
     g.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
     g.add_argument("--shuffle-buffer", type=int, default=512, help="rows in each worker's local shuffle buffer (0: off)")
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in OUTPUT/train")
+    g.add_argument("--checkpoint-every", type=int, default=1,
+                   help="checkpoint every N epochs (and after the last); a resumed run restarts from the last one")
     g.add_argument("--address", default=None,
                    help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
     return p
@@ -103,7 +108,7 @@ def _validate(args) -> None:
         raise ConfigError("--online-teacher needs --input (the shards to distil on)")
     if args.input and not (args.soft_targets or args.online_teacher):
         raise ConfigError("--input only applies with --soft-targets or --online-teacher")
-    for name in ("epochs", "batch_size", "workers"):
+    for name in ("epochs", "batch_size", "workers", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.steps is not None and args.steps < 1:
@@ -205,7 +210,11 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
         lab = [(r.uri, count_samples(r.uri)) for r in storage.expand_shards(args.labeled, SHARD_EXTENSIONS)]
         n_lab_once = sum(n for _, n in lab)
         rep = 1
-        if tasks and n_lab_once:
+        if args.labeled_repeat is not None:
+            if args.labeled_repeat < 1:
+                raise ConfigError("--labeled-repeat must be >= 1")
+            rep = args.labeled_repeat
+        elif tasks and n_lab_once:
             r = args.labeled_ratio
             rep = max(1, round(r * n_pseudo / ((1 - r) * n_lab_once)))
         for i in range(rep):
@@ -236,7 +245,7 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
         "min_lr_ratio": args.min_lr_ratio, "batch_size": args.batch_size, "optimizer": args.optimizer,
         "lr": args.lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "grad_clip": args.grad_clip,
         "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "precision": args.precision,
-        "output": args.output, "has_eval": bool(eval_tasks),
+        "output": args.output, "has_eval": bool(eval_tasks), "checkpoint_every": args.checkpoint_every,
         "checkpoint_config": {
             "modality": modality, "level": level, "num_classes": num_classes, "frame_shift_ms": frame_shift,
             "preprocessing": prep, "class_names": manifest.class_names if manifest else None,

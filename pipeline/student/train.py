@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -27,6 +28,8 @@ from pipeline.softtargets import topk_from_logits
 from pipeline.student.data import Collate
 from pipeline.student.losses import combine, distill_loss, hard_ce
 
+# Ray Train tees print() on workers (it would show twice); its logging goes out once.
+log = logging.getLogger("kdpipe.train")
 TRAIN_STATE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
@@ -158,7 +161,7 @@ def train_loop(cfg: dict) -> None:
         sched.load_state_dict(state["scheduler"])
         step, epoch, history = state["step"], state["epoch"], json.loads(state["history"])
         if rank == 0:
-            print(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}", flush=True)
+            log.info(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}")
 
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     online = None
@@ -230,15 +233,20 @@ def train_loop(cfg: dict) -> None:
             c, n = _all_reduce(list(evaluate_shard(mod, frontend, eval_it, cfg, device, collate_fn)), device)
             metrics["eval_accuracy"] = c / n if n else None
         history.append(metrics)
-        _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint)
+        last = epoch >= cfg["epochs"] or bool(max_steps and step >= max_steps)
+        save = last or epoch % cfg["checkpoint_every"] == 0
+        _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
 
 
-def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint) -> None:
+def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint,
+                           save: bool) -> None:
+    """Report the epoch's metrics; with ``save``, rank 0 also writes and reports a checkpoint
+    and rewrites OUTPUT/metrics.jsonl (the history a resumed run continues from)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if rank == 0:
+        if rank == 0 and save:
             mod = model.module if hasattr(model, "module") else model
             save_checkpoint(d, mod, cfg["student_factory"], cfg["student_kwargs"], {
                 **cfg["checkpoint_config"], "epoch": epoch, "step": step, "metrics": metrics,
@@ -248,11 +256,12 @@ def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics
             checkpoint = Checkpoint.from_directory(d)
             lines = "".join(json.dumps(h) + "\n" for h in history)
             storage.atomic_write_bytes(storage.join(cfg["output"], METRICS_FILE), lines.encode())
+        if rank == 0:
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
             acc = f" eval_acc {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
-            print(f"[train] epoch {epoch}/{cfg['epochs']} step {step} loss {metrics['loss']:.4f} ce {ce} kd {kd} "
-                  f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s{acc}", flush=True)
+            log.info(f"[train] epoch {epoch}/{cfg['epochs']} step {step} loss {metrics['loss']:.4f} ce {ce} kd {kd} "
+                     f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s{acc}")
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 

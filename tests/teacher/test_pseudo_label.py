@@ -127,15 +127,27 @@ def test_frame_level_with_chunking(tmp_path, ray_local, capsys, fmt):
         assert_topk_matches(c["ids"][sl], c["logprobs"][sl], ref)
 
 
-def test_ensemble_averages_probabilities(tmp_path, ray_local, capsys):
+def test_ensemble_of_torchscript_and_weights_file(tmp_path, ray_local, capsys):
+    from safetensors.torch import save_file
+
+    from pipeline.models.spec import build_model, parse_spec
+    from pipeline.models.zoo import audio_cnn
+
     waves = audio_corpus(tmp_path / "in", shards=1, per_shard=6, seed=7)
-    a, b = CNN, "pipeline.models.zoo:audio_cnn?width=12&depth=3"
+    a = str(tmp_path / "member_a.pt")  # a TorchScript archive
+    torch.jit.save(torch.jit.script(build_model(parse_spec(CNN)).eval()), a)
+    other = audio_cnn(width=12, depth=3)
+    torch.nn.init.normal_(other.head.weight, std=0.5)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "b.safetensors"))
+    b = f"pipeline.models.zoo:audio_cnn?width=12&depth=3&weights={tmp_path / 'b.safetensors'}"
     out = tmp_path / "st"
     rc, _, _ = _run(["--input", tmp_path / "in", "--output", out, "--teacher", a, "--teacher", b, "--top-k", "10"],
                     capsys)
     assert rc == 0
     r, cols = _all_rows(str(out))
-    assert len(r.manifest.teacher["identities"]) == 2 and r.manifest.teacher["ensemble"] == "mean-probability"
+    ids = r.manifest.teacher["identities"]
+    assert [i["kind"] for i in ids] == ["torchscript", "module"] and ids[1]["weights_sha256"]
+    assert r.manifest.teacher["ensemble"] == "mean-probability"
     c = cols["shard-0000"]
     xs = [waves[k] for k in c["key"]]
     ra, rb = direct_logprobs(a, r.manifest.preprocessing, xs), direct_logprobs(b, r.manifest.preprocessing, xs)

@@ -1,0 +1,178 @@
+"""The main job: the million-hour recipe in miniature (make demo / make demo-images).
+
+1. a small labeled set, a much larger unlabeled pool and a held-out test set (spoken digits
+   from eSpeak NG, or scikit-learn's handwritten digits for --modality image);
+2. a larger teacher trained on the labeled set;
+3. the pool pseudo-labelled into the soft-target cache;
+4. the same small student trained several ways (labeled only; hard pseudo-labels; soft
+   targets with the full k and with k=3; at T=1 and T=4);
+5. every model evaluated on the test set; results.json / results.md / PNG plots.
+
+Each step runs a job's own entry point (pipeline.*.job.run) with the argv printed beside
+it, on one embedded Ray, so every command can be rerun by hand. Every step resumes: a rerun
+reuses the corpus, the cache and finished checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from dataclasses import dataclass
+
+from pipeline import storage
+
+SIZES = {
+    # labeled, unlabeled, test, teacher epochs (each = --labeled-repeat passes), student epochs
+    "full": {"labeled": 300, "unlabeled": 4000, "test": 1000, "teacher_epochs": 6, "student_epochs": 4},
+    "small": {"labeled": 300, "unlabeled": 1200, "test": 300, "teacher_epochs": 6, "student_epochs": 8},
+}
+MODELS = {
+    "audio": {"teacher": "pipeline.models.zoo:audio_cnn?width=32&depth=4&time_stride=4",
+              "student": "pipeline.models.zoo:audio_cnn?width=8&depth=4&time_stride=4",
+              "prep": ["--crop-seconds", "1.0"]},
+    "image": {"teacher": "pipeline.models.zoo:image_resnet?width=32&blocks=[2,2,2]",
+              "student": "pipeline.models.zoo:image_cnn?width=8&depth=2",
+              "prep": ["--image-resize", "32", "--image-crop", "32"]},
+}
+
+
+@dataclass
+class Student:
+    name: str
+    what: str
+    argv: list[str]
+
+
+def students(k: int) -> list[Student]:
+    """The ways the same student is trained (names as in results.json)."""
+    return [
+        Student("student_labeled_only", "labeled set only (cross-entropy)", []),
+        Student("student_hard_pseudo", "teacher top-1 as hard labels on the pool + labeled set", ["--loss", "hard"]),
+        Student(f"student_soft_k{k}_T1", f"soft targets, all k={k}, T=1 + labeled set", ["--temperature", "1"]),
+        Student("student_soft_k3_T1", "soft targets, top-3, T=1 + labeled set", ["--top-k", "3", "--temperature", "1"]),
+        Student(f"student_soft_k{k}_T4", f"soft targets, all k={k}, T=4 + labeled set", ["--temperature", "4"]),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="demo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Distillation end to end on a laptop: corpus, teacher, soft-target cache, "
+                                            "students, evaluation, report.")
+    p.add_argument("--modality", choices=["audio", "image"], default="audio",
+                   help="audio: spoken digits (eSpeak NG); image: scikit-learn's handwritten digits")
+    p.add_argument("--size", choices=list(SIZES), default="full", help="corpus and training size (small: CI)")
+    p.add_argument("--output", default=None, help="run directory (default runs/demo, runs/demo-images)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per training job")
+    p.add_argument("--seed", type=int, default=0, help="corpus and training seed")
+    p.add_argument("--address", default=None, help="Ray cluster address; default: an embedded local Ray")
+    return p
+
+
+def _step(title: str, job: str, argv: list[str], fn) -> float:
+    """Run one job entry point; prints the equivalent command. Returns seconds."""
+    print(f"\n=== {title}\n$ python jobs/{job} {shlex.join(argv)}", flush=True)
+    t0 = time.monotonic()
+    rc = fn(argv)
+    if rc != 0:
+        raise SystemExit(f"demo: jobs/{job} failed with exit code {rc}")
+    return time.monotonic() - t0
+
+
+def make_corpus(modality: str, size: dict, seed: int, data: str) -> dict:
+    """Generate (or reuse) the corpus; returns corpus.json."""
+    if modality == "audio":
+        from pipeline.corpus import spoken_digits as gen
+
+        cfg = gen.SpokenDigitsConfig(labeled=size["labeled"], unlabeled=size["unlabeled"], test=size["test"],
+                                     seed=seed, shard_size=500)
+        job = (f"make_spoken_digits.py --output {data} --labeled {cfg.labeled} --unlabeled {cfg.unlabeled} "
+               f"--test {cfg.test} --seed {seed} --shard-size 500")
+    else:
+        from pipeline.corpus import image_digits as gen
+
+        cfg = gen.ImageDigitsConfig(labeled=min(size["labeled"], 150), unlabeled=size["unlabeled"] * 2, seed=seed,
+                                    shard_size=1000)
+        job = (f"make_image_digits.py --output {data} --labeled {cfg.labeled} --unlabeled {cfg.unlabeled} "
+               f"--seed {seed} --shard-size 1000")
+    print(f"\n=== 1. corpus\n$ python jobs/{job}", flush=True)
+    corpus_json = storage.join(data, "corpus.json")
+    if storage.exists(corpus_json):
+        corpus = json.loads(storage.read_bytes(corpus_json))
+        if corpus.get("generator", {}).get("settings", {}).get("seed") == seed and \
+                corpus["splits"]["unlabeled"]["count"] == cfg.unlabeled:
+            print(f"reusing the corpus in {data}")
+            return corpus
+    return gen.generate(cfg, data)
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    size = SIZES[args.size]
+    out = args.output or ("runs/demo" if args.modality == "audio" else "runs/demo-images")
+    data = storage.join(out, "data")
+    m = MODELS[args.modality]
+    common = ["--workers", str(args.workers), "--cpus-per-worker", "0.5", "--seed", str(args.seed)]
+    if args.address:
+        common += ["--address", args.address]
+
+    from pipeline.cli import init_ray
+    from pipeline.report import write_report
+    from pipeline.student.evaluate import run as evaluate
+    from pipeline.student.job import run as train
+    from pipeline.teacher.job import run as pseudo_label
+
+    t_start = time.monotonic()
+    init_ray(args.address)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    corpus = make_corpus(args.modality, size, args.seed, data)
+    timings["corpus"] = time.monotonic() - t0
+    lab, pool, test = (storage.join(data, s) for s in ("labeled", "unlabeled", "test"))
+    ckpt = {"teacher": storage.join(out, "teacher")}
+
+    timings["teacher"] = _step(
+        "2. teacher on the labeled set", "train_student.py",
+        ["--labeled", lab, "--student", m["teacher"], "--output", ckpt["teacher"], "--epochs", str(size["teacher_epochs"]),
+         "--labeled-repeat", "10", "--batch-size", "16", "--lr", "0.005", *m["prep"], *common], train)
+    cache = storage.join(out, "softtargets")
+    timings["pseudo_label"] = _step(
+        "3. pseudo-label the pool into the soft-target cache", "pseudo_label.py",
+        ["--input", pool, "--output", cache, "--teacher", storage.join(ckpt["teacher"], "final"), "--top-k", "10",
+         "--batch-size", "128"] + (["--address", args.address] if args.address else []), pseudo_label)
+
+    from pipeline.shards import SoftTargetRun
+
+    k = SoftTargetRun(cache).manifest.k
+    for st in students(k):
+        ckpt[st.name] = storage.join(out, st.name)
+        if st.name == "student_labeled_only":
+            argv = ["--labeled", lab, "--epochs", str(size["teacher_epochs"]), "--labeled-repeat", "10",
+                    "--batch-size", "16"]
+        else:
+            argv = ["--soft-targets", cache, "--labeled", lab, "--labeled-ratio", "0.2",
+                    "--epochs", str(size["student_epochs"]), "--batch-size", "16", *st.argv]
+        timings[st.name] = _step(f"4. {st.name}: {st.what}", "train_student.py",
+                                 argv + ["--student", m["student"], "--output", ckpt[st.name], "--lr", "0.005",
+                                         *common], train)
+
+    results = []
+    for name, path in ckpt.items():
+        final = storage.join(path, "final")
+        report_file = storage.join(out, "eval", f"{name}.json")
+        timings[f"eval_{name}"] = _step(f"5. evaluate {name} on the test set", "evaluate.py",
+                                        ["--checkpoint", final, "--input", test, "--output", report_file]
+                                        + (["--address", args.address] if args.address else []), evaluate)
+        ev = json.loads(storage.read_bytes(report_file))
+        what = "teacher trained on the labeled set" if name == "teacher" else \
+            next(s.what for s in students(k) if s.name == name)
+        results.append({"name": name, "description": what, "test_accuracy": ev["accuracy"], "checkpoint": final,
+                        "spec": m["teacher"] if name == "teacher" else m["student"],
+                        "train_seconds": round(timings[name], 1)})
+    timings["total"] = time.monotonic() - t_start
+    table = write_report(out, results, cache, ckpt, corpus, timings)
+    print("\n" + table)
+    print(f"\ndemo finished in {timings['total'] / 60:.1f} min; report in {out}/results.md", flush=True)
+    return 0
+

@@ -1,0 +1,42 @@
+"""The main job at reduced size: every stage's outputs exist and are complete, the report is
+written, and the soft-target student beats the labeled-only one."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.demo import run
+from pipeline.shards import SoftTargetRun
+from pipeline.student.train import read_metrics
+
+
+def test_demo_small(tmp_path, ray_local, capsys):
+    out = tmp_path / "demo"
+    assert run(["--size", "small", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    corpus = json.loads((out / "data" / "corpus.json").read_text())
+    counts = {k: v["count"] for k, v in corpus["splits"].items()}
+    assert counts == {"labeled": 300, "unlabeled": 1200, "test": 300}
+
+    cache = SoftTargetRun(str(out / "softtargets"))
+    assert cache.manifest.total_rows + len(cache.errors()) == counts["unlabeled"]
+    assert all(r.status == "complete" for r in cache.manifest.shards.values())
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["models"]}
+    assert set(rows) == {"teacher", "student_labeled_only", "student_hard_pseudo", "student_soft_k10_T1",
+                         "student_soft_k3_T1", "student_soft_k10_T4"}
+    for name, r in rows.items():
+        final = out / name / "final"
+        assert r["checkpoint"] == str(final) and (final / "model.safetensors").exists()
+        cfg = json.loads((final / "config.json").read_text())
+        assert [m["epoch"] for m in read_metrics(str(out / name))] == list(range(1, cfg["epoch"] + 1))
+        ev = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert ev["samples"] == counts["test"] and ev["accuracy"] == r["test_accuracy"]
+    for f in ("results.md", "accuracy.png", "learning_curves.png", "teacher_confidence.png"):
+        assert (out / f).stat().st_size > 1000, f
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| student_soft_k10_T1 |" in (out / "results.md").read_text() and "| teacher |" in text
+
+    soft, labeled = rows["student_soft_k10_T1"]["test_accuracy"], rows["student_labeled_only"]["test_accuracy"]
+    assert soft > labeled + 0.02, (soft, labeled)
