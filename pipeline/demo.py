@@ -57,9 +57,10 @@ def students(k: int) -> list[Student]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Distillation end to end on a laptop: corpus, teacher, soft-target cache, "
-                                            "students, evaluation, report.")
+    p = argparse.ArgumentParser(
+        prog="demo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Distillation end to end on a laptop: corpus, teacher, soft-target cache, students, evaluation, "
+                    "report.")
     p.add_argument("--modality", choices=["audio", "image"], default="audio",
                    help="audio: spoken digits (eSpeak NG); image: scikit-learn's handwritten digits")
     p.add_argument("--size", choices=list(SIZES), default="full", help="corpus and training size (small: CI)")

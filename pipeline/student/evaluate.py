@@ -34,7 +34,7 @@ STAT_NAMES = ("correct", "total", "agree", "kl_sum", "t_total")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description="Evaluate a checkpoint: accuracy on labeled shards, or agreement/KL against a soft-target run.")
     add_config_flag(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -155,7 +155,7 @@ def evaluate(args, cfg: dict, tasks: list[dict], run_uri: str | None, frame_shif
 
     init_ray(args.address)
     DataContext.get_current().enable_progress_bars = False
-    use_gpu = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     rows = ShardRows(cfg["preprocessing"], run_uri, cfg["level"], args.label_frame_shift_ms, frame_shift_ms)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_student.py",
         description="Train a student with Ray Train from cached soft targets, labeled data, or both.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
     add_config_flag(p)
     g = p.add_argument_group("data")
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocessing_flags(p, "the soft-target run's (what the teacher saw)")
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs when the cluster has them")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: GPU workers when the cluster has GPUs now; cuda: always (waits for an autoscaling GPU group)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per training worker")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
@@ -310,7 +311,10 @@ def run(argv=None) -> int:
 
     history = read_metrics(args.output)
     last = history[-1] if history else {}
-    summary = {"output": args.output, "final": final_uri, "checkpoint": result.checkpoint.path,
+    ck_path = result.checkpoint.path
+    if storage.is_remote(args.output) and "://" not in ck_path:
+        ck_path = args.output.split("://", 1)[0] + "://" + ck_path
+    summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
                "last": last}
     print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {last.get('loss')}; final model in "
@@ -333,12 +337,14 @@ def fit(args, cfg: dict, tasks: list[dict], eval_tasks: list[dict]):
     init_ray(args.address)
     DataContext.get_current().enable_progress_bars = False
     gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
-    if args.device == "cuda" and gpus == 0:
-        raise SystemExit("--device cuda: the Ray cluster has no GPUs")
+    use_gpu = args.device == "cuda" or gpus > 0  # cuda: wait for GPU workers (autoscaling), like pseudo_label
     cpus = ray.cluster_resources().get("CPU", 0)
     if args.workers * args.cpus_per_worker > cpus - 1:
-        raise SystemExit(f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} leaves less than one of "
-                         f"the cluster's {cpus:g} CPUs for decoding the data; lower --cpus-per-worker (e.g. 0.5)")
+        msg = (f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} leaves less than one of the "
+               f"cluster's {cpus:g} CPUs for decoding the data; lower --cpus-per-worker (e.g. 0.5)")
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            raise SystemExit(msg)  # a fixed local Ray would wait forever
+        print(f"[train] warning: {msg}, unless the cluster autoscales", flush=True)
     rows = ShardRows(cfg["preprocessing"], args.soft_targets, cfg["level"], args.label_frame_shift_ms,
                      cfg["frame_shift_ms"])
 
@@ -355,7 +361,7 @@ def fit(args, cfg: dict, tasks: list[dict], eval_tasks: list[dict]):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=args.max_failures),

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pseudo_label.py",
         description="Run teacher model(s) over a sharded corpus and write top-k soft targets (the cache).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
     add_config_flag(p)
     g = p.add_argument_group("data")
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per teacher actor (fractional allowed)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto: GPU actors when the cluster has GPUs, else CPU fallback")
+                   help="auto: GPU actors when the cluster has GPUs now, else CPU fallback; cuda: always GPU actors "
+                        "(waits for an autoscaling GPU group)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU runs fp32)")
     g.add_argument("--bucket-rows", type=int, default=1024, help="decoded samples sorted by length together, to cut padding")
     g.add_argument("--max-error-rate", type=float, default=0.05,
@@ -203,10 +204,10 @@ def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], coll
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
-    if args.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda: the Ray cluster has no GPUs")
-    use_gpu = gpus > 0
-    actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if use_gpu else 1)
+    # --device cuda asks for GPU actors even when no GPU node is up yet (an autoscaling GPU
+    # group starting from zero adds them); auto uses GPUs only if the cluster has some now.
+    use_gpu = args.device == "cuda" or gpus > 0
+    actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if gpus else 1)
     print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if use_gpu else 'CPU (no GPU in the cluster)'}, "
           f"batch {args.batch_size}, {len(shards)} shard(s) to compute", flush=True)
     parquet_options = {"key_column": args.key_column, "data_column": args.data_column}
