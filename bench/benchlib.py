@@ -1,0 +1,413 @@
+# python bench/benchlib.py pseudo-label MARKS.json -- ARGV...   (child mode, started by the benchmarks)
+"""Shared pieces of bench/teacher_throughput.py and bench/student_throughput.py.
+
+- synthetic corpora: FLAC clips (soundfile) and JPEG photos-sized images (PIL) in WebDataset
+  tars, built from a small pool of distinct encoded samples repeated under distinct keys
+  (decode cost is what matters, not distinctness; building 100k JPEGs would take longer
+  than the benchmark itself);
+- ``TreeSampler``: a background thread that samples RSS and CPU time of a process and all
+  its descendants (the job driver, Ray's workers, Ray's own daemons) with psutil;
+- ``run_job``: runs a kdpipe job in a child process (a fresh Ray each time), sampled by a
+  TreeSampler, and returns its summary line, its output and the samples.
+
+Child mode (``pseudo-label``) runs pipeline.teacher.job.run with a ShardCollector that also
+timestamps every result batch the driver receives, and writes the marks to MARKS.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --------------------------------------------------------------------------------------------
+# corpora
+
+
+def audio_pool(n: int, seconds: tuple[float, float], sr: int = 16000, seed: int = 0) -> list[tuple[bytes, float]]:
+    """n distinct FLAC clips (16-bit, mono, ``sr``): a few noisy tones each -> [(bytes, seconds)]."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        dur = float(rng.uniform(*seconds))
+        t = np.arange(int(dur * sr)) / sr
+        wave = sum(0.15 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t + rng.uniform(0, 6)) for _ in range(3))
+        wave = (wave + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+        buf = io.BytesIO()
+        sf.write(buf, wave, sr, format="FLAC", subtype="PCM_16")
+        out.append((buf.getvalue(), len(t) / sr))
+    return out
+
+
+def image_pool(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0) -> list[tuple[bytes, float]]:
+    """n distinct JPEGs of ``size`` (w, h): smooth random colour fields plus mild noise, so they
+    compress like photos (tens of KB at 500x375) -> [(bytes, 0.0)]."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out.append((buf.getvalue(), 0.0))
+    return out
+
+
+@dataclass
+class Corpus:
+    root: str
+    shards: list[str]
+    samples: int
+    audio_seconds: float
+    bytes: int
+
+
+def write_corpus(root: str, pool: list[tuple[bytes, float]], ext: str, shards: int, per_shard: int,
+                 num_classes: int | None = None, seed: int = 0, prefix: str = "s",
+                 frame_labels_ms: float | None = None, distinct: int | None = None) -> Corpus:
+    """root/shard-XXXXX.tar, ``per_shard`` samples each, cycling through ``pool``.
+
+    Keys are unique (``{prefix}{shard}-{i}``); with ``num_classes`` each sample also gets a
+    random label, as a labeled corpus has: a ``.cls`` member, or with ``frame_labels_ms`` a
+    ``.frames.npy`` member (int16, one label per frame_labels_ms of audio).
+
+    ``distinct``: write only this many shard files and hard-link the rest to them (shard i ->
+    file i % distinct): a GPU-sized corpus (600k images) without writing 30 GB. Keys repeat
+    across linked shards, which is fine: shards are independent units everywhere in kdpipe.
+    """
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths, total_s, total_b, j = [], 0.0, 0, 0
+    distinct = min(distinct or shards, shards)
+    shard_s: list[float] = []
+    for s in range(shards):
+        path = os.path.join(root, f"shard-{s:05d}.tar")
+        if s >= distinct:  # a hard link to an already written shard: same bytes, another name
+            src = paths[s % distinct]
+            try:
+                os.link(src, path)
+            except OSError:
+                shutil.copyfile(src, path)
+            total_s += shard_s[s % distinct]
+            total_b += os.path.getsize(path)
+            paths.append(path)
+            continue
+        before = total_s
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                data, secs = pool[j % len(pool)]
+                j += 1
+                total_s += secs
+                members = {ext: data}
+                if num_classes and frame_labels_ms:
+                    frames = rng.integers(0, num_classes, int(np.ceil(secs * 1000 / frame_labels_ms))).astype(np.int16)
+                    buf = io.BytesIO()
+                    np.save(buf, frames)
+                    members["frames.npy"] = buf.getvalue()
+                elif num_classes:
+                    members["cls"] = str(int(rng.integers(0, num_classes))).encode()
+                for e, b in members.items():
+                    info = tarfile.TarInfo(f"{prefix}{s:05d}-{i:05d}.{e}")
+                    info.size = len(b)
+                    tar.addfile(info, io.BytesIO(b))
+        total_b += os.path.getsize(path)
+        shard_s.append(total_s - before)
+        paths.append(path)
+    return Corpus(root, paths, shards * per_shard, total_s, total_b)
+
+
+# --------------------------------------------------------------------------------------------
+# process-tree sampling
+
+
+def _role(cmdline: list[str], is_root: bool) -> str:
+    """A process's role: "driver", "ray::NAME" for Ray workers (method suffix dropped), or
+    "sys:NAME" for Ray's daemons (gcs_server, raylet, and Python ones by script name)."""
+    if is_root:
+        return "driver"
+    head = cmdline[0] if cmdline else ""
+    if head.startswith("ray::"):
+        # "ray::MapWorker(MapBatches(TeacherPredictor)).submit" -> "ray::MapWorker(MapBatches(TeacherPredictor))"
+        return head.split()[0].split(".")[0]
+    base = os.path.basename(head)
+    if base.startswith("python") and len(cmdline) > 1:
+        script = next((a for a in cmdline[1:] if not a.startswith("-")), "")
+        base = os.path.basename(script) or base
+    return f"sys:{base}" if base else "sys:?"
+
+
+@dataclass
+class TreeStats:
+    peak_driver_rss: int = 0
+    peak_worker_rss: int = 0  # largest single Ray worker process
+    peak_workers_rss_sum: int = 0  # all Ray workers at one instant (shared object-store pages counted per process)
+    peak_worker_role: str = ""
+    cpu_by_role: dict = field(default_factory=dict)  # seconds of user+system CPU over the whole run
+    series: list = field(default_factory=list)  # [(wall time, {role: cumulative CPU s}, probe value)] per sample
+    samples: int = 0
+
+    def cpu_between(self, t0: float, t1: float | None = None) -> dict[str, float]:
+        """CPU seconds per role between wall times t0 and t1 (default: the last sample)."""
+        if not self.series:
+            return {}
+        before = next((c for t, c, _ in reversed(self.series) if t <= t0), {})
+        after = self.series[-1][1] if t1 is None else next((c for t, c, _ in reversed(self.series) if t <= t1), {})
+        out = {r: after[r] - before.get(r, 0.0) for r in after}
+        if "machine_busy" in out:  # CPU that processes outside this tree used meanwhile
+            out["other processes (not ours)"] = out.pop("machine_busy") - sum(out.values())
+        return dict(sorted(((r, v) for r, v in out.items() if v > 0.005), key=lambda kv: -kv[1]))
+
+
+def import_psutil():
+    """psutil, or the copy Ray ships in ray/thirdparty_files (machines with Ray but no psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        import ray
+
+        sys.path.append(os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"))
+        import psutil
+    return psutil
+
+
+class TreeSampler(threading.Thread):
+    """Samples RSS and CPU time of ``pid`` and its descendants every ``interval`` s until stop().
+
+    Ray worker processes are recognised by their process title ("ray::..."); an idle worker
+    ("ray::IDLE") keeps the last real role it had, so a worker's CPU time lands under what it
+    ran. A process that exits keeps its last sampled CPU time.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25, probe=None):
+        """probe: optional callable; its value is recorded with every sample (e.g. epochs done)."""
+        super().__init__(daemon=True)
+        self.probe = probe
+        self.psutil = psutil = import_psutil()
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self._halt = threading.Event()
+        self.stats = TreeStats()
+        self._cpu: dict[int, float] = {}
+        self._roles: dict[int, str] = {}
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def sample(self) -> None:
+        ps = self.psutil
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except ps.Error:
+            return
+        workers_sum = 0
+        st = self.stats
+        for p in procs:
+            try:
+                with p.oneshot():
+                    rss = p.memory_info().rss
+                    ct = p.cpu_times()
+                    cmd = p.cmdline()
+            except ps.Error:
+                continue
+            role = _role(cmd, p.pid == self.root.pid)
+            if (role not in ("ray::IDLE", "sys:?")) or p.pid not in self._roles:  # an exiting process loses its title
+                self._roles[p.pid] = role
+            self._cpu[p.pid] = ct.user + ct.system
+            if role == "driver":
+                st.peak_driver_rss = max(st.peak_driver_rss, rss)
+            elif role.startswith("ray::"):
+                workers_sum += rss
+                if rss > st.peak_worker_rss:
+                    st.peak_worker_rss, st.peak_worker_role = rss, self._roles[p.pid]
+        st.peak_workers_rss_sum = max(st.peak_workers_rss_sum, workers_sum)
+        st.samples += 1
+        sys_t = ps.cpu_times()  # the whole machine: busy = all but idle and iowait
+        cpu_all = {"machine_busy": sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)}
+        value = None
+        if self.probe is not None:
+            try:
+                value = self.probe()
+            except Exception:  # a probe is a diagnostic; never stop sampling for it
+                value = None
+        st.series.append((time.time(), {**self._by_role(), **cpu_all}, value))
+
+    def _by_role(self) -> dict[str, float]:
+        cpu: dict[str, float] = {}
+        for pid, secs in self._cpu.items():
+            role = self._roles.get(pid, "?")
+            cpu[role] = cpu.get(role, 0.0) + secs
+        return cpu
+
+    def stop(self) -> TreeStats:
+        self._halt.set()
+        self.join()
+        self.stats.cpu_by_role = dict(sorted(self._by_role().items(), key=lambda kv: -kv[1]))
+        return self.stats
+
+
+# --------------------------------------------------------------------------------------------
+# child jobs
+
+
+@dataclass
+class JobResult:
+    rc: int
+    summary: dict | None
+    output: str
+    tree: TreeStats
+    marks: dict | None
+    wall: float
+    timeline: str | None = None
+
+
+def run_job(cmd: list[str], log_path: str, marks_path: str | None = None, sample_interval: float = 0.25,
+            env: dict | None = None, probe=None) -> JobResult:
+    """Run ``cmd`` (a kdpipe job) in a child process with its output in ``log_path``, sampled by
+    a TreeSampler; parse the last ``{"summary": ...}`` line."""
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, **(env or {})})
+        sampler = TreeSampler(proc.pid, sample_interval, probe)
+        sampler.start()
+        rc = proc.wait()
+    tree = sampler.stop()
+    wall = time.monotonic() - t0
+    with open(log_path) as f:
+        output = f.read()
+    summary = None
+    for line in output.splitlines():
+        if line.startswith('{"summary"'):
+            summary = json.loads(line)["summary"]
+    marks = None
+    if marks_path and os.path.exists(marks_path):
+        with open(marks_path) as f:
+            marks = json.load(f)
+    return JobResult(rc, summary, output, tree, marks, wall)
+
+
+def pseudo_label_cmd(marks_path: str, argv: list[str]) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "pseudo-label", marks_path, "--", *argv]
+
+
+def steady_rate(marks: dict | None) -> tuple[float | None, float | None]:
+    """(seconds from pipeline start to the first result batch, samples/s after it) from the marks."""
+    if not marks or not marks.get("batches"):
+        return None, None
+    b = marks["batches"]  # [[t, samples], ...] relative to the pipeline start
+    first = b[0][0]
+    if len(b) < 3 or b[-1][0] - first <= 0:
+        return first, None
+    return first, sum(n for _, n in b[1:]) / (b[-1][0] - first)
+
+
+def timeline_summary(timeline_path: str, start_wall: float) -> list[tuple[str, float, float]]:
+    """Key moments of a pseudo-label run from Ray's timeline: [(what, start s, end s)] relative to
+    the pipeline start (the summary's clock). Spans are Ray's own task events; decode tasks are
+    Ray Data's ``_map_task``, the teacher actor's calls are ``submit`` on the actor's worker."""
+    with open(timeline_path) as f:
+        events = [e for e in json.load(f) if e.get("ph") == "X"]
+    rel = lambda us: us / 1e6 - start_wall  # noqa: E731
+
+    def span(name: str, pred=lambda e: True):
+        ev = [e for e in events if e["name"] == name and pred(e)]
+        if not ev:
+            return None
+        return (min(rel(e["ts"]) for e in ev), max(rel(e["ts"] + e["dur"]) for e in ev),
+                sum(e["dur"] for e in ev) / 1e6, len(ev))
+
+    out = []
+    teacher_workers = {e["tid"] for e in events if e["name"] == "submit"}
+    for label, name, pred in (
+        ("dataset registered", "register_dataset", lambda e: True),
+        ("teacher actor __init__", "__init__", lambda e: e["tid"] in teacher_workers),
+        ("decode tasks (_map_task)", "ray.data._internal.execution.operators.map_operator._map_task", lambda e: True),
+        ("teacher calls (submit)", "submit", lambda e: True),
+    ):
+        s = span(name, pred)
+        if s:
+            out.append((label, *s))
+    return out
+
+
+def _child_pseudo_label(marks_path: str, argv: list[str]) -> int:
+    """pipeline.teacher.job.run(argv) with every result batch's arrival time recorded."""
+    import pyarrow.compute as pc
+
+    import pipeline.teacher.job as job
+    from pipeline.teacher.collect import ShardCollector
+    from pipeline.teacher.decode import SAMPLE
+
+    batches: list[list[float]] = []
+    start: list[float] = []
+
+    class TimedCollector(ShardCollector):
+        def add(self, batch):
+            now = time.monotonic()
+            if not start:
+                start.append(self.progress.start)  # set by progress.restart() when the pipeline starts
+                start.append(time.time() - (now - self.progress.start))  # the same instant, wall clock
+            batches.append([now - start[0], int(pc.sum(pc.equal(batch.column("kind"), SAMPLE)).as_py() or 0)])
+            super().add(batch)
+
+    # Keep the dataset the job iterates, to print Ray Data's own per-operator stats afterwards.
+    import ray.data
+
+    seen: list = []
+    orig_iter = ray.data.Dataset.iter_batches
+
+    def iter_batches(self, *a, **kw):
+        seen.append(self)
+        return orig_iter(self, *a, **kw)
+
+    ray.data.Dataset.iter_batches = iter_batches
+    job.ShardCollector = TimedCollector
+    rc = job.run(argv)
+    stats = ""
+    if seen:
+        try:
+            stats = seen[-1].stats()
+        except Exception as e:  # stats are a diagnostic; never fail the run for them
+            stats = f"(no stats: {type(e).__name__}: {e})"
+    timeline = os.environ.get("KDPIPE_BENCH_TIMELINE")
+    if timeline:  # Ray's chrome://tracing timeline of every task and actor call
+        import ray
+
+        ray.timeline(filename=timeline)
+    with open(marks_path, "w") as f:
+        json.dump({"batches": batches, "ray_data_stats": stats, "pipeline_start_wall": start[1] if start else None}, f)
+    return rc
+
+
+def mib(n: int | float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "pseudo-label":
+        rest = sys.argv[3:]
+        if rest and rest[0] == "--":
+            rest = rest[1:]
+        sys.path.insert(0, REPO)
+        sys.exit(_child_pseudo_label(sys.argv[2], rest))
+    print(__doc__)
+    sys.exit(2)

@@ -1,0 +1,394 @@
+# python bench/student_throughput.py --preset cpu-small
+"""Student training throughput: hard labels vs cached soft targets vs online distillation.
+
+    python bench/student_throughput.py --preset cpu-small              # CPU, a few minutes
+    python bench/student_throughput.py --preset gpu-speech             # GPU box: wav2vec2-large teacher
+    python bench/student_throughput.py --preset gpu-image              # GPU box: ViT-B/16 teacher
+    python bench/student_throughput.py --preset gpu-speech --smoke     # tiny sizes: checks it runs (CPU ok)
+
+One run, one machine, the same student, batch size and clips:
+  0. builds a labeled corpus (FLAC or JPEG in WebDataset tars, with .cls or .frames.npy labels)
+     and its soft-target cache (jobs/pseudo_label.py with the preset's teacher);
+  (a) jobs/train_student.py --labeled CORPUS                 hard labels only
+  (b) jobs/train_student.py --soft-targets CACHE             the cached soft targets
+  (c) jobs/train_student.py --online-teacher T --input CORPUS  the teacher in the training loop
+Each run is a child process with a fresh local Ray; throughput is read from OUTPUT/metrics.jsonl
+(samples_per_s per epoch) and the steady state is the mean over the epochs after the first
+(the first pays for worker start-up and the first dataset execution).
+
+Expectation for (b)/(c): the training loop is compute-bound, so (b)/(c) should be about
+(student step + teacher forward) / student step per sample; both are measured in-process
+here (same device, same threads) and printed next to the result.
+The last line is ``soft_over_hard=R1 soft_over_online=R2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import REPO, audio_pool, image_pool, mib, run_job, write_corpus  # noqa: E402
+
+PRESETS = {
+    # Utterance-level audio CNNs over log-mel of ~1 s clips. Per sample on one core: student
+    # train step ~2.5 ms, teacher forward ~3 ms, so (b)/(c) should come out near 2.
+    "cpu-small": dict(
+        modality="audio", seconds=(0.8, 1.2), pool=128, shards=16, per_shard=128, num_classes=10, frame_labels=None,
+        teacher="pipeline.models.zoo:audio_cnn?width=32", student="pipeline.models.zoo:audio_cnn?width=8",
+        batch_size=64, epochs=4, top_k=5, prep=[], device="cpu", workers=1, cpus_per_worker=1.0,
+        smoke=dict(shards=2, per_shard=32, epochs=2, step_seconds=1.0),
+    ),
+    # Frame-level speech: wav2vec2-large teacher (20 ms frames, top-10) and a small wav2vec2
+    # student on raw 10 s clips (both take raw waveform: the student must see the cache's input).
+    "gpu-speech": dict(
+        modality="audio", seconds=(10.0, 10.0), pool=64, shards=16, per_shard=256, num_classes=32, frame_labels=10.0,
+        teacher="pipeline.models.zoo:wav2vec2_large_frames",
+        student="pipeline.models.zoo:wav2vec2_frames?conv_dim=256&embed_dim=256&encoder_layers=4&ffn=1024"
+                "&heads=4&pos_conv_groups=16",
+        batch_size=32, epochs=3, top_k=10, prep=["--features", "none"], device="auto", workers=1, cpus_per_worker=1.0,
+        smoke=dict(shards=2, per_shard=3, epochs=2, batch_size=3, pool=4, seconds=(1.0, 1.5), step_seconds=1.0),
+    ),
+    # Images: ViT-B/16 teacher, ResNet-50 student, 500x375 JPEGs -> 224. CPU JPEG decode may
+    # bound all three runs on a GPU box (see docs/performance.md), which would flatten (b)/(c).
+    "gpu-image": dict(
+        modality="image", image_size=(500, 375), pool=256, shards=32, per_shard=500, num_classes=1000,
+        frame_labels=None, teacher="pipeline.models.zoo:vit", student="pipeline.models.zoo:resnet50",
+        batch_size=128, epochs=3, top_k=10, prep=["--image-resize", "224", "--image-crop", "224"], device="auto",
+        workers=1, cpus_per_worker=1.0,
+        smoke=dict(shards=2, per_shard=4, epochs=2, batch_size=4, pool=8, step_seconds=1.0),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="student, teacher, corpus, batch size: cpu-small (runs here), gpu-speech / gpu-image (GPU box)")
+    p.add_argument("--smoke", action="store_true", help="tiny corpus, 2 epochs: checks that a preset runs (CPU ok)")
+    p.add_argument("--student", default=None, help="override the preset's student spec")
+    p.add_argument("--teacher", default=None, help="override the preset's teacher spec (cache and online)")
+    p.add_argument("--shards", type=int, default=None, help="corpus shards (default: the preset's)")
+    p.add_argument("--per-shard", type=int, default=None, help="samples per shard (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run; the first is excluded from the steady state")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size per worker (default: the preset's)")
+    p.add_argument("--top-k", type=int, default=None, help="k of the cache, and k' of online distillation")
+    p.add_argument("--workers", type=int, default=None, help="training workers (default: the preset's)")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per training worker")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (default: the preset's)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
+    p.add_argument("--only", nargs="+", choices=["hard", "soft", "online"], default=None,
+                   help="run only these (ratios need hard/online with soft)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the sequence this many times, reversing the order each time (a b c c b a ...), and "
+                        "average: cancels drift in the load of a shared machine")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="timed seconds for each in-process cost measurement (default 4)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="everything after this goes to every train_student.py run verbatim")
+    p.add_argument("--workdir", default=None, help="where corpus, cache and outputs go (default: a temp dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write all numbers to this JSON file")
+    return p
+
+
+def resolve(args) -> dict:
+    cfg = dict(PRESETS[args.preset])
+    cfg.setdefault("step_seconds", 4.0)
+    if args.smoke:
+        cfg.update(cfg["smoke"])
+    for name in ("student", "teacher", "shards", "per_shard", "epochs", "batch_size", "top_k", "workers",
+                 "cpus_per_worker", "device", "step_seconds"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    return cfg
+
+
+def in_process_costs(cfg: dict, pool, device: str, threads: int, precision: str) -> dict:
+    """Per-sample cost of one student train step and of one teacher forward (+ top-k), on
+    the same device and threads as a training worker, on decoded clips from the corpus."""
+    import torch
+
+    from pipeline.cli import add_preprocessing_flags, resolve_preprocessing
+    from pipeline.models.base import output_lengths
+    from pipeline.models.spec import build_model, parse_spec
+    from pipeline.modalities import make_frontend, prepare, preprocessing_from_dict
+    from pipeline.softtargets import topk_from_logits
+    from pipeline.teacher.predictor import Teacher
+
+    torch.set_num_threads(threads)
+    p = argparse.ArgumentParser()
+    add_preprocessing_flags(p)
+    prep = resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
+    pp = preprocessing_from_dict(prep)
+    B = cfg["batch_size"]
+    arrays = [prepare(pool[i % len(pool)][0], pp)[0][1] for i in range(B)]
+    dev = torch.device(device)
+    if cfg["modality"] == "audio":
+        lens = torch.tensor([a.shape[0] for a in arrays])
+        x = torch.zeros(B, int(lens.max()))
+        for i, a in enumerate(arrays):
+            x[i, : a.shape[0]] = torch.from_numpy(a)
+        x, lens = x.to(dev), lens.to(dev)
+    else:
+        x, lens = torch.from_numpy(np.stack(arrays)).to(dev), None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)) \
+        if device == "cuda" and precision != "fp32" else None
+
+    def timed(fn, seconds: float) -> float:
+        """Seconds per sample: CPU time of this process on CPU (robust to other load on a shared
+        machine; one thread, as a worker has), wall time with synchronisation on CUDA."""
+        for _ in range(2):
+            fn()
+        sync()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            n += 1
+        sync()
+        spent = time.process_time() - c0 if device == "cpu" else time.perf_counter() - t0
+        return spent / (n * B)
+
+    torch.manual_seed(0)
+    student = build_model(parse_spec(cfg["student"])).to(dev).train()
+    frontend = make_frontend(pp).to(dev)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def step():
+        import contextlib
+
+        with amp() if amp else contextlib.nullcontext():
+            feats, flen = frontend(x, lens)
+            out = student(feats, flen) if flen is not None else student(feats)
+            if out.dim() == 3:  # frame level: CE on every valid frame
+                s_len = output_lengths(student, flen, feats.shape[1], out.shape[1])
+                valid = torch.arange(out.shape[1], device=dev)[None] < s_len[:, None]
+                loss = torch.nn.functional.cross_entropy(out[valid].float(), torch.zeros(int(valid.sum()), dtype=torch.long,
+                                                                                        device=dev))
+            else:
+                loss = torch.nn.functional.cross_entropy(out.float(), torch.zeros(B, dtype=torch.long, device=dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    student_s = timed(step, cfg["step_seconds"])
+    del student, opt
+    teacher = Teacher([cfg["teacher"]], prep, precision, device)
+
+    def fwd():
+        outs, _ = teacher.forward(x, lens)
+        topk_from_logits(outs[0], cfg["top_k"])
+
+    teacher_s = timed(fwd, cfg["step_seconds"])
+    del teacher
+    return {"student_step_ms": 1e3 * student_s, "teacher_forward_ms": 1e3 * teacher_s,
+            "expected_soft_over_online": (student_s + teacher_s) / student_s, "threads": threads, "device": device}
+
+
+def train_argv(cfg: dict, args, out: str) -> list[str]:
+    return ["--student", cfg["student"], "--output", out, "--epochs", str(cfg["epochs"]),
+            "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]),
+            "--cpus-per-worker", str(cfg["cpus_per_worker"]), "--device", cfg["device"], "--precision", args.precision,
+            "--seed", "0", *cfg["prep"], *args.extra]
+
+
+def train_once(cfg: dict, args, work: str, name: str, extra: list[str], rep: int) -> dict:
+    """One train_student.py run in a child process; its steady-state numbers."""
+    out = os.path.join(work, f"student-{name}-{rep}")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "train_student.py"), *train_argv(cfg, args, out), *extra]
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    r = run_job(cmd, os.path.join(work, f"train-{name}-{rep}.log"), probe=lambda: epochs_done(metrics_path))
+    hist = read_metrics(out)
+    if r.rc != 0 or not hist:
+        print(r.output[-6000:], file=sys.stderr)
+        raise SystemExit(f"train run {name!r} failed (exit {r.rc}); log in {work}")
+    later = hist[1:] or hist
+    n_later = sum(h["samples"] for h in later)
+    cpu = steady_cpu(r.tree, len(hist))
+    role_ms = lambda key: 1e3 * sum(v for k, v in cpu.items() if key in k) / n_later if cpu else None  # noqa: E731
+    return {"per_epoch": [h["samples_per_s"] for h in hist],
+            "steady": n_later / sum(h["seconds"] for h in later), "best": max(h["samples_per_s"] for h in later),
+            "steady_wall": sum(h["seconds"] for h in later), "epochs": len(hist), "wall": r.wall, "steady_cpu": cpu,
+            "worker_cpu_ms": role_ms("RayTrainWorker"), "data_cpu_ms": role_ms("ShardRows"),
+            "samples_per_epoch": hist[-1]["samples"], "loss": hist[-1]["loss"],
+            "peak_driver_rss": r.tree.peak_driver_rss, "peak_worker_rss": r.tree.peak_worker_rss,
+            "cpu_by_role": r.tree.cpu_by_role}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Repeats of one configuration: mean steady throughput and CPU per sample, best epoch,
+    summed steady wall and CPU."""
+    mean = lambda key: (sum(r[key] for r in runs) / len(runs)) if all(r[key] is not None for r in runs) else None  # noqa: E731
+    cpu: dict[str, float] = {}
+    for r in runs:
+        for k, v in r["steady_cpu"].items():
+            cpu[k] = cpu.get(k, 0.0) + v
+    return {"steady": mean("steady"), "steady_each": [r["steady"] for r in runs], "best": max(r["best"] for r in runs),
+            "worker_cpu_ms_each": [r["worker_cpu_ms"] for r in runs],
+            "per_epoch": [x for r in runs for x in r["per_epoch"]], "steady_wall": sum(r["steady_wall"] for r in runs),
+            "worker_cpu_ms": mean("worker_cpu_ms"), "data_cpu_ms": mean("data_cpu_ms"),
+            "steady_cpu": dict(sorted(cpu.items(), key=lambda kv: -kv[1])), "wall": sum(r["wall"] for r in runs),
+            "peak_driver_rss": max(r["peak_driver_rss"] for r in runs),
+            "peak_worker_rss": max(r["peak_worker_rss"] for r in runs), "repeats": len(runs),
+            "loss": runs[-1]["loss"], "samples_per_epoch": runs[-1]["samples_per_epoch"]}
+
+
+def epochs_done(metrics_path: str) -> int:
+    """Lines in OUTPUT/metrics.jsonl: epochs finished so far (rank 0 rewrites it after each)."""
+    try:
+        with open(metrics_path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def steady_cpu(tree, epochs: int) -> dict:
+    """CPU seconds per role from the end of epoch 1 to the end of the last epoch, using the
+    epoch counter sampled with the process tree (to within one sampling interval)."""
+    t_first = next((t for t, _, e in tree.series if e is not None and e >= 1), None)
+    t_last = next((t for t, _, e in tree.series if e is not None and e >= epochs), None)
+    if t_first is None or t_last is None or t_last <= t_first:
+        return {}
+    return tree.cpu_between(t_first, t_last)
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve(args)
+    work = args.workdir or tempfile.mkdtemp(prefix="kdpipe-bench-student-")
+    os.makedirs(work, exist_ok=True)
+    runs = args.only or ["hard", "soft", "online"]
+    results: dict = {"preset": args.preset, "smoke": args.smoke, "cpus": os.cpu_count(),
+                     "config": {k: v for k, v in cfg.items() if k != "smoke"}}
+    try:
+        import torch
+
+        device = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+        cfg["device"] = device
+        threads = max(1, int(cfg["cpus_per_worker"])) if device == "cpu" else torch.get_num_threads()
+        print(f"[bench] preset {args.preset}{' (smoke)' if args.smoke else ''}: student {cfg['student']}, teacher "
+              f"{cfg['teacher']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, {cfg['workers']} worker(s), "
+              f"device {device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; work dir {work}",
+              flush=True)
+        t0 = time.perf_counter()
+        if cfg["modality"] == "audio":
+            pool, ext = audio_pool(cfg["pool"], cfg["seconds"]), "flac"
+        else:
+            pool, ext = image_pool(cfg["pool"], cfg["image_size"]), "jpg"
+        corpus = write_corpus(os.path.join(work, "corpus"), pool, ext, cfg["shards"], cfg["per_shard"],
+                              num_classes=cfg["num_classes"], frame_labels_ms=cfg["frame_labels"])
+        print(f"[bench] corpus: {len(corpus.shards)} shards, {corpus.samples:,} labeled samples, "
+              f"{corpus.bytes / 2**20:,.1f} MiB ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+        costs = in_process_costs(cfg, pool, device, threads, args.precision)
+        results["in_process"] = costs
+        print(f"[bench] in-process, per sample: student train step {costs['student_step_ms']:.2f} ms, teacher forward "
+              f"{costs['teacher_forward_ms']:.2f} ms -> expected soft/online ~{costs['expected_soft_over_online']:.2f}",
+              flush=True)
+
+        cache = os.path.join(work, "cache")
+        if "soft" in runs:
+            cmd = [sys.executable, os.path.join(REPO, "jobs", "pseudo_label.py"), "--input", corpus.root,
+                   "--output", cache, "--teacher", cfg["teacher"], "--top-k", str(cfg["top_k"]),
+                   "--batch-size", str(cfg["batch_size"]), "--device", device, "--precision", args.precision,
+                   "--progress-interval", "60", *cfg["prep"]]
+            r = run_job(cmd, os.path.join(work, "pseudo_label.log"))
+            if r.rc != 0 or r.summary is None:
+                print(r.output[-6000:], file=sys.stderr)
+                raise SystemExit(f"pseudo-label failed (exit {r.rc})")
+            results["cache"] = r.summary
+            print(f"[bench] soft-target cache: {r.summary['samples']:,} samples, {r.summary['bytes_written']:,} bytes, "
+                  f"teacher stage {r.summary['samples_per_s']:,.1f} samples/s", flush=True)
+
+        extra = {"hard": ["--labeled", corpus.root],
+                 "soft": ["--soft-targets", cache, "--top-k", str(cfg["top_k"])],
+                 "online": ["--online-teacher", cfg["teacher"], "--input", corpus.root, "--top-k", str(cfg["top_k"])]}
+        table = {}
+        order = [n for rep in range(args.repeats) for n in (runs if rep % 2 == 0 else runs[::-1])]
+        done: dict[str, list] = {}
+        for i, name in enumerate(order):
+            one = train_once(cfg, args, work, name, extra[name], len(done.get(name, [])))
+            done.setdefault(name, []).append(one)
+            print(f"[bench] {name:<6} per epoch {', '.join(f'{v:,.1f}' for v in one['per_epoch'])} samples/s; "
+                  f"steady {one['steady']:,.1f} samples/s ({one['wall']:.0f} s in all)", flush=True)
+        table = {name: aggregate(done[name]) for name in runs}
+        results["runs"] = table
+        report(cfg, costs, table)
+        ratios = {}
+        if "soft" in table and "hard" in table:
+            ratios["soft_over_hard"] = table["soft"]["steady"] / table["hard"]["steady"]
+        if "soft" in table and "online" in table:
+            ratios["soft_over_online"] = table["soft"]["steady"] / table["online"]["steady"]
+        results["ratios"] = ratios
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()) or "no ratio (see --only)")
+        return 0
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(cfg: dict, costs: dict, table: dict) -> None:
+    print(f"\n== student {cfg['student']}  batch {cfg['batch_size']}  {cfg['workers']} worker(s)  device {cfg['device']}  "
+          f"({os.cpu_count()} CPUs)")
+    print(f"  {'run':<34}{'steady':>10}{'best ep.':>10}{'worker CPU':>12}{'data CPU':>10}   samples/s per epoch, all "
+          f"repeats")
+    print(f"  {'':<34}{'samples/s':>10}{'samples/s':>10}{'ms/sample':>12}{'ms/sample':>10}   (the first is excluded)")
+    names = {"hard": "(a) hard labels only", "soft": "(b) cached soft targets", "online": "(c) online teacher in the loop"}
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    for k, v in table.items():
+        print(f"  {names[k]:<34}{v['steady']:>10,.1f}{v['best']:>10,.1f}{fmt(v['worker_cpu_ms']):>12}"
+              f"{fmt(v['data_cpu_ms']):>10}   {', '.join(f'{x:,.1f}' for x in v['per_epoch'])}")
+    for k, v in table.items():
+        if v["repeats"] > 1:
+            cpu_each = ", ".join(f"{x:.2f}" if x is not None else "-" for x in v["worker_cpu_ms_each"])
+            print(f"  {k:<7} each repeat: steady {', '.join(f'{x:,.1f}' for x in v['steady_each'])} samples/s; "
+                  f"worker CPU {cpu_each} ms/sample")
+    a, b, c = table.get("hard"), table.get("soft"), table.get("online")
+    if a and b:
+        cpu = (f"; by training-worker CPU per sample {a['worker_cpu_ms'] / b['worker_cpu_ms']:.3f}"
+               if a["worker_cpu_ms"] and b["worker_cpu_ms"] else "")
+        print(f"  (b)/(a) = {b['steady'] / a['steady']:.3f} (steady), {b['best'] / a['best']:.3f} (best epochs){cpu}"
+              f"   target >= 0.95")
+    if b and c:
+        cpu = (f"; by training-worker CPU per sample {c['worker_cpu_ms'] / b['worker_cpu_ms']:.3f}"
+               if c["worker_cpu_ms"] and b["worker_cpu_ms"] else "")
+        print(f"  (b)/(c) = {b['steady'] / c['steady']:.3f} (steady), {b['best'] / c['best']:.3f} (best epochs){cpu}")
+        print(f"            expected from in-process costs: {costs['expected_soft_over_online']:.2f} = (student step "
+              f"{costs['student_step_ms']:.2f} + teacher forward {costs['teacher_forward_ms']:.2f}) / student step, "
+              f"ms per sample")
+    for k, v in table.items():
+        other = v["steady_cpu"].get("other processes (not ours)")
+        if other is not None and v.get("steady_wall"):
+            print(f"  {k:<7} steady epochs: {v['steady_wall']:.1f} s wall; other processes on this machine used "
+                  f"{other:.1f} CPU-s of the {v['steady_wall'] * os.cpu_count():.0f} available")
+    for k, v in table.items():
+        top = ", ".join(f"{r} {s:.1f}s" for r, s in list(v["steady_cpu"].items())[:5] if "not ours" not in r)
+        print(f"  {k:<7} peak RSS driver {mib(v['peak_driver_rss'])}, largest worker {mib(v['peak_worker_rss'])}; "
+              f"CPU in the steady epochs: {top}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

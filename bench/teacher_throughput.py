@@ -1,0 +1,505 @@
+# python bench/teacher_throughput.py --preset cpu-small [--memory-check]
+"""Teacher stage throughput: pipeline vs the teacher's pure forward, in one run, one machine.
+
+    python bench/teacher_throughput.py --preset cpu-small                   # CPU, ~2 min
+    python bench/teacher_throughput.py --preset cpu-small --memory-check    # + 10x-shards memory check
+    python bench/teacher_throughput.py --preset vit-b16                     # GPU machine
+    python bench/teacher_throughput.py --preset wav2vec2-large              # GPU machine
+    python bench/teacher_throughput.py --preset vit-b16 --smoke             # tiny sizes: checks it runs (CPU ok)
+
+One run measures, on the same machine, model and batch size:
+  1. decode: pipeline.teacher.decode.DecodeShards over one shard in this process (one core);
+  2. pure forward: pipeline.teacher.predictor.Teacher.forward over batches already on the
+     device (the same frontend + autocast code the actors run), after warm-up, synchronised
+     on CUDA; torch threads = the actor's CPUs on CPU (Ray gives an actor OMP_NUM_THREADS =
+     its num_cpus), so both sides get the same compute;
+  3. actor call: TeacherPredictor.__call__ on the same batches as Arrow tables (host->device
+     copy, forward, top-k, Arrow output): what one actor adds around the forward;
+  4. pipeline: pipeline.teacher.job.run (decode tasks -> teacher actors -> shard writer) in a
+     child process with a fresh local Ray, over a generated WebDataset corpus. Throughput is
+     samples / the summary's ``seconds``, which counts from the moment the dataset starts
+     executing (actor start-up and model load included; Ray start-up excluded and shown apart).
+The line before the last is ``steady_ratio=S``: all samples over the span of the teacher
+actor's calls (Ray's task events), i.e. the pipeline once the teacher is warm, / pure forward.
+The last line is ``ratio=R`` = pipeline (summary seconds) / pure forward (samples/s).
+On a shared machine wall-clock numbers move with other people's load: the report also gives
+CPU seconds per sample by process (the teacher actor's vs the pure forward's), and the CPU
+that processes outside the run used meanwhile.
+
+--memory-check runs the pipeline over N and 10N shards (same shard size) and compares the
+peak RSS of the driver and of the largest Ray worker process (sampled every 0.25 s with psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import (  # noqa: E402
+    audio_pool, image_pool, mib, pseudo_label_cmd, run_job, steady_rate, write_corpus,
+)
+
+PRESETS = {
+    # Utterance-level CNN over log-mel of ~1 s clips. On one core its forward (~4.5 ms of CPU per
+    # clip) costs ~8x the FLAC decode task (~0.55 ms/clip): the forward dominates, as a GPU
+    # teacher's should; decode still competes with it for the machine's 2 cores.
+    "cpu-small": dict(
+        modality="audio", teacher="pipeline.models.zoo:audio_cnn?width=32", seconds=(0.8, 1.2), pool=128,
+        shards=24, per_shard=128, batch_size=64, top_k=5, prep=[], device="cpu",
+        smoke=dict(shards=2, per_shard=32, forward_seconds=2.0),
+        memory=dict(shards=8, per_shard=32),
+    ),
+    # ViT-B/16 at 224 on 500x375 JPEGs (the DESIGN.md reference setup); for an H100 box.
+    "vit-b16": dict(
+        modality="image", teacher="pipeline.models.zoo:vit", image_size=(500, 375), pool=256,
+        # 600k images (~94 s at the reference 6,403 img/s); 16 shard files, the rest hard links.
+        shards=600, per_shard=1000, distinct=16, batch_size=256, top_k=10,
+        prep=["--image-resize", "224", "--image-crop", "224"], device="auto",
+        smoke=dict(shards=3, per_shard=12, distinct=2, batch_size=8, pool=16, forward_seconds=2.0, warmup=1),
+        memory=dict(shards=8, per_shard=1000),
+    ),
+    # wav2vec 2.0 large on 10 s FLAC clips, frame-level top-10 (20 ms frames); for an H100 box.
+    "wav2vec2-large": dict(
+        modality="audio", teacher="pipeline.models.zoo:wav2vec2_large_frames", seconds=(10.0, 10.0), pool=64,
+        # 640k audio-s (~97 s at the reference 6,599 audio-s/s); 8 shard files, the rest hard links.
+        shards=128, per_shard=500, distinct=8, batch_size=64, top_k=10, prep=["--features", "none"], device="auto",
+        smoke=dict(shards=3, per_shard=3, distinct=2, batch_size=3, pool=4, seconds=(1.0, 1.5), forward_seconds=2.0,
+                   warmup=1),
+        memory=dict(shards=4, per_shard=500),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="teacher, corpus and batch size: cpu-small (runs here), vit-b16 / wav2vec2-large (GPU box)")
+    p.add_argument("--smoke", action="store_true", help="tiny corpus and timings: checks that a preset runs (CPU ok)")
+    p.add_argument("--teacher", default=None, help="override the preset's teacher spec (module:factory?kwargs)")
+    p.add_argument("--shards", type=int, default=None, help="input shards (default: the preset's)")
+    p.add_argument("--per-shard", type=int, default=None, help="samples per shard (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch size, both measurements (default: preset)")
+    p.add_argument("--top-k", type=int, default=None, help="classes kept per sample/frame (default: preset)")
+    p.add_argument("--pool", type=int, default=None, help="distinct encoded samples cycled through the corpus")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="teacher device for both measurements (default: preset; auto = cuda if present)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
+    p.add_argument("--actors", type=int, default=None, help="teacher actors in the pipeline (default: the job's)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per teacher actor (0.5: two actors share a GPU, so one's host work overlaps the "
+                        "other's forward; give --actors 2 with it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the in-process measurements (default: --cpus-per-actor, as Ray gives an actor)")
+    p.add_argument("--forward-seconds", type=float, default=None, help="timed seconds of pure forward (default 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up batches before timing (default 3)")
+    p.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="soft-target shard encoding")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="everything after this goes to pseudo_label.py verbatim (e.g. --extra --bucket-rows 256)")
+    p.add_argument("--memory-check", action="store_true",
+                   help="also run N and FACTOR x N shards and compare peak driver / worker RSS")
+    p.add_argument("--memory-only", action="store_true", help="run only the memory check (last line: memory=PASS|FAIL)")
+    p.add_argument("--memory-shards", type=int, default=None, help="N for the memory check (default: preset)")
+    p.add_argument("--memory-per-shard", type=int, default=None, help="samples per shard in the memory check")
+    p.add_argument("--memory-factor", type=int, default=10, help="the larger run has this many times the shards")
+    p.add_argument("--memory-tolerance", type=float, default=0.20, help="allowed growth of peak RSS (0.2 = 20%%)")
+    p.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, corpus, soft targets)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write all numbers to this JSON file")
+    return p
+
+
+def resolve(args) -> dict:
+    cfg = dict(PRESETS[args.preset])
+    cfg.setdefault("forward_seconds", 10.0)
+    cfg.setdefault("warmup", 3)
+    if args.smoke:
+        cfg.update(cfg["smoke"])
+        cfg["memory"] = dict(shards=1, per_shard=cfg["per_shard"])
+    for name in ("teacher", "shards", "per_shard", "batch_size", "top_k", "pool", "device", "forward_seconds", "warmup"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    if args.memory_shards is not None:
+        cfg["memory"]["shards"] = args.memory_shards
+    if args.memory_per_shard is not None:
+        cfg["memory"]["per_shard"] = args.memory_per_shard
+    return cfg
+
+
+def make_pool(cfg: dict, seed: int = 0):
+    if cfg["modality"] == "audio":
+        return audio_pool(cfg["pool"], cfg["seconds"], seed=seed), "flac"
+    return image_pool(cfg["pool"], cfg["image_size"], seed=seed), "jpg"
+
+
+def device_of(choice: str) -> str:
+    import torch
+
+    if choice == "cpu":
+        return "cpu"
+    if choice == "cuda" or torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def job_prep(cfg: dict) -> dict:
+    """The preprocessing the job will resolve for this preset (defaults + the preset's flags)."""
+    from pipeline.cli import add_preprocessing_flags, resolve_preprocessing
+
+    p = argparse.ArgumentParser()
+    add_preprocessing_flags(p)
+    return resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
+
+
+# --------------------------------------------------------------------------------------------
+# in-process measurements
+
+
+class InProcess:
+    """The in-process measurements, all at batch size B on ``device``."""
+
+    def __init__(self, cfg: dict, shard_uri: str, device: str, threads: int, precision: str):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.cfg, self.shard_uri, self.device, self.threads, self.precision = cfg, shard_uri, device, threads, precision
+        self.prep = job_prep(cfg)
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.level = self.num_classes = self.k = None
+        self.batches: list = []
+        self.rows = 0
+        self.audio_s = 0.0
+
+    def decode(self, min_seconds: float = 2.0) -> dict:
+        """What a decode task does for one shard (tar read, decode, bucket sort, Arrow), in this
+        process; one untimed pass first (imports, page cache), then passes for >= min_seconds."""
+        import pyarrow as pa
+
+        from pipeline.teacher.decode import SAMPLE, DecodeShards
+
+        dec = DecodeShards(self.prep)
+        run = lambda: list(dec({"name": ["bench"], "uri": [self.shard_uri]}))  # noqa: E731
+        tables = run()
+        passes, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while True:
+            run()
+            passes += 1
+            wall = time.perf_counter() - t0
+            if wall >= min_seconds:
+                break
+        cpu = time.process_time() - c0
+        table = pa.concat_tables(tables)
+        table = table.filter(pa.array(table.column("kind").to_numpy() == SAMPLE))
+        n = table.num_rows
+        sr = self.prep.get("sample_rate", 16000)
+        secs = float(np.sum(table.column("length").to_numpy())) / sr if self.cfg["modality"] == "audio" else 0.0
+        # Batches as the actors see them: consecutive rows of the length-sorted bucket.
+        B = self.cfg["batch_size"]
+        batches = [table.slice(i, B) for i in range(0, n, B)]
+        self.batches = [b for b in batches if b.num_rows == B] or batches[:1]
+        self.rows = sum(b.num_rows for b in self.batches)
+        self.audio_s = (sum(float(np.sum(b.column("length").to_numpy())) for b in self.batches) / sr
+                        if self.cfg["modality"] == "audio" else 0.0)
+        return {"samples": n * passes, "seconds": wall, "cpu_s": cpu, "samples_per_s": n * passes / wall,
+                "audio_s_per_s": secs * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / (n * passes)}
+
+    def pure_and_call(self) -> tuple[dict, dict]:
+        """Pure forward and the actor's call, timed in alternating rounds (so drift in the load of
+        a shared machine hits both alike), ``forward_seconds`` of pure forward in all.
+
+        pure: Teacher.forward over the batches already on the device (frontend + model +
+        autocast). call: TeacherPredictor.__call__ on the same batches as Arrow tables (host ->
+        device copy, forward, top-k, Arrow output), i.e. all an actor does per batch."""
+        from pipeline.teacher.predictor import TeacherPredictor, Teacher
+
+        t0 = time.perf_counter()
+        teacher = Teacher([self.cfg["teacher"]], self.prep, self.precision, self.device)
+        on_dev = [teacher.to_device(b.column("payload"), b.column("length").to_numpy()) for b in self.batches]
+        self.sync()
+        build = time.perf_counter() - t0
+        outs, _ = teacher.forward(*on_dev[0])
+        self.level = "frame" if outs[0].dim() == 3 else "utterance"
+        self.num_classes = int(outs[0].shape[-1])
+        self.k = min(self.cfg["top_k"], self.num_classes)
+        pred = TeacherPredictor.__new__(TeacherPredictor)  # the same models, not a second copy
+        pred.teacher, pred.level, pred.k, pred.num_classes = teacher, self.level, self.k, self.num_classes
+        from pipeline.teacher.predictor import output_schema
+
+        pred.schema = output_schema(self.level, self.k, self.num_classes)
+        for i in range(self.cfg["warmup"]):
+            teacher.forward(*on_dev[i % len(on_dev)])
+            pred(self.batches[i % len(self.batches)])
+
+        def pure():
+            for x, lengths in on_dev:
+                teacher.forward(x, lengths)
+
+        def call():
+            for b in self.batches:
+                pred(b)
+
+        acc = {"pure": [0.0, 0.0, 0], "call": [0.0, 0.0, 0]}  # wall, cpu, passes
+        rnd = 0
+        while acc["pure"][0] < self.cfg["forward_seconds"]:
+            for name, fn in ((("pure", pure), ("call", call)) if rnd % 2 == 0 else (("call", call), ("pure", pure))):
+                self.sync()
+                w, c = time.perf_counter(), time.process_time()
+                fn()
+                self.sync()
+                a = acc[name]
+                a[0] += time.perf_counter() - w
+                a[1] += time.process_time() - c
+                a[2] += 1
+            rnd += 1
+        out = []
+        for name in ("pure", "call"):
+            wall, cpu, passes = acc[name]
+            n = self.rows * passes
+            out.append({"samples": n, "seconds": wall, "cpu_s": cpu, "samples_per_s": n / wall,
+                        "audio_s_per_s": self.audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
+                        "loadavg": os.getloadavg()[0], "model_build_s": build})
+        del on_dev, teacher, pred
+        self._free()
+        return out[0], out[1]
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline runs
+
+
+def pipeline_argv(cfg: dict, args, inputs: list[str], output: str) -> list[str]:
+    argv = ["--input", *inputs, "--output", output, "--teacher", cfg["teacher"], "--batch-size", str(cfg["batch_size"]),
+            "--top-k", str(cfg["top_k"]), "--format", args.format, "--device", cfg["device"],
+            "--precision", args.precision, "--cpus-per-actor", str(args.cpus_per_actor), "--progress-interval", "30",
+            *cfg["prep"]]
+    if args.actors:
+        argv += ["--actors", str(args.actors)]
+    if args.gpus_per_actor:
+        argv += ["--gpus-per-actor", str(args.gpus_per_actor)]
+    return argv + list(args.extra)
+
+
+def run_pipeline(cfg: dict, args, inputs: list[str], work: str, tag: str, timeline: bool = False):
+    out_dir = os.path.join(work, f"st-{tag}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log = os.path.join(work, f"pseudo_label-{tag}.log")
+    marks = os.path.join(work, f"marks-{tag}.json")
+    env = {"KDPIPE_BENCH_TIMELINE": os.path.join(work, f"timeline-{tag}.json")} if timeline else None
+    res = run_job(pseudo_label_cmd(marks, pipeline_argv(cfg, args, inputs, out_dir)), log, marks, env=env)
+    if res.rc != 0 or res.summary is None:
+        print(res.output[-6000:], file=sys.stderr)
+        raise SystemExit(f"pseudo-label run {tag!r} failed (exit {res.rc}); log: {log}")
+    res.timeline = env["KDPIPE_BENCH_TIMELINE"] if env else None
+    return res
+
+
+def memory_check(cfg: dict, args, work: str, pool, ext: str) -> tuple[bool, dict]:
+    m = cfg["memory"]
+    small_n, per = m["shards"], m["per_shard"]
+    big_n = small_n * args.memory_factor
+    corpus = write_corpus(os.path.join(work, "mem-corpus"), pool, ext, big_n, per, prefix="m", distinct=cfg.get("distinct"))
+    print(f"\n== memory check: {small_n} vs {big_n} shards of {per} samples ({corpus.bytes / 2**20:,.0f} MiB in all)",
+          flush=True)
+    runs = {}
+    for tag, n in (("small", small_n), ("big", big_n)):
+        r = run_pipeline(cfg, args, corpus.shards[:n], work, f"mem-{tag}")
+        runs[tag] = r
+        t = r.tree
+        print(f"  {n:>5} shards  {r.summary['samples']:>8,} samples  {r.summary['seconds']:>7.1f} s   "
+              f"peak RSS: driver {mib(t.peak_driver_rss)}, largest worker {mib(t.peak_worker_rss)} "
+              f"({t.peak_worker_role}), all workers {mib(t.peak_workers_rss_sum)}", flush=True)
+    s, b = runs["small"].tree, runs["big"].tree
+    ratios = {"driver": b.peak_driver_rss / max(s.peak_driver_rss, 1),
+              "worker": b.peak_worker_rss / max(s.peak_worker_rss, 1),
+              "workers_sum": b.peak_workers_rss_sum / max(s.peak_workers_rss_sum, 1)}
+    ok = ratios["driver"] <= 1 + args.memory_tolerance and ratios["worker"] <= 1 + args.memory_tolerance
+    print(f"  {args.memory_factor}x shards / 1x: driver {ratios['driver']:.3f}, largest worker {ratios['worker']:.3f}, "
+          f"all workers {ratios['workers_sum']:.3f} (limit {1 + args.memory_tolerance:.2f} for driver and worker)")
+    print(f"  memory check: {'PASS' if ok else 'FAIL'}", flush=True)
+    info = {"small_shards": small_n, "big_shards": big_n, "per_shard": per, "ratios": ratios, "pass": ok,
+            "small": vars(s), "big": vars(b)}
+    return ok, info
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve(args)
+    work = args.workdir or tempfile.mkdtemp(prefix="kdpipe-bench-teacher-")
+    os.makedirs(work, exist_ok=True)
+    results: dict = {"preset": args.preset, "smoke": args.smoke, "cpus": os.cpu_count(),
+                     "config": {k: v for k, v in cfg.items() if k not in ("smoke", "memory")}}
+    try:
+        import torch
+
+        device = device_of(cfg["device"])
+        cfg["device"] = device  # both sides on the same device
+        if args.threads:
+            threads = args.threads
+        elif device == "cpu":
+            threads = max(1, int(args.cpus_per_actor))
+        else:
+            threads = torch.get_num_threads()
+        print(f"[bench] preset {args.preset}{' (smoke)' if args.smoke else ''}: teacher {cfg['teacher']}, "
+              f"batch {cfg['batch_size']}, device {device}, {os.cpu_count()} CPUs, torch threads {threads}, "
+              f"load average {os.getloadavg()[0]:.1f}; work dir {work}", flush=True)
+        t0 = time.perf_counter()
+        pool, ext = make_pool(cfg)
+        ok = True
+        if not args.memory_only:
+            corpus = write_corpus(os.path.join(work, "corpus"), pool, ext, cfg["shards"], cfg["per_shard"],
+                                  distinct=cfg.get("distinct"))
+            print(f"[bench] corpus: {len(corpus.shards)} shards, {corpus.samples:,} samples, "
+                  f"{corpus.audio_seconds:,.0f} audio-s, {corpus.bytes / 2**20:,.1f} MiB "
+                  f"({time.perf_counter() - t0:.1f} s to build)", flush=True)
+            ip = InProcess(cfg, corpus.shards[0], device, threads, args.precision)
+            m = {"decode": ip.decode()}
+            print(f"[bench] decode, one core: {m['decode']['samples_per_s']:,.1f} samples/s", flush=True)
+            m["pure_before"], m["call_before"] = ip.pure_and_call()
+            print(f"[bench] pure forward: {m['pure_before']['samples_per_s']:,.1f} samples/s; actor call "
+                  f"{m['call_before']['samples_per_s']:,.1f}", flush=True)
+            pipe = run_pipeline(cfg, args, corpus.shards, work, "main", timeline=True)
+            print(f"[bench] pipeline: {pipe.summary['samples_per_s']:,.1f} samples/s", flush=True)
+            m["pure_after"], m["call_after"] = ip.pure_and_call()
+            print(f"[bench] pure forward again: {m['pure_after']['samples_per_s']:,.1f} samples/s; actor call "
+                  f"{m['call_after']['samples_per_s']:,.1f}", flush=True)
+            m["actor_call"] = {k: (m["call_before"][k] + m["call_after"][k]) / 2
+                               for k in ("samples_per_s", "audio_s_per_s", "cpu_ms_per_sample")}
+            m.update(level=ip.level, num_classes=ip.num_classes, k=ip.k, threads=threads, device=device)
+            results.update(report(cfg, m, pipe, corpus))
+        if args.memory_check or args.memory_only:
+            ok, results["memory"] = memory_check(cfg, args, work, pool, ext)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        if args.memory_only:
+            print(f"memory={'PASS' if ok else 'FAIL'}")
+        else:
+            if results.get("ratio_steady") is not None:
+                print(f"steady_ratio={results['ratio_steady']:.2f}")
+            print(f"ratio={results['ratio']:.2f}")
+        return 0 if ok else 1
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def ray_data_task_cpu(stats: str, op: str) -> float | None:
+    """Total remote CPU seconds of operator ``op`` from Ray Data's ds.stats() text."""
+    import re
+
+    i = stats.find(f"({op})")
+    if i < 0:
+        return None
+    mt = re.search(r"Remote cpu time:.*?([\d.]+)(us|ms|s) total", stats[i:])
+    if not mt:
+        return None
+    return float(mt.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[mt.group(2)]
+
+
+def report(cfg: dict, m: dict, pipe, corpus) -> dict:
+    s = pipe.summary
+    audio = cfg["modality"] == "audio"
+    n = s["samples"]
+    pipe_sps = n / s["seconds"]
+    per_s = corpus.audio_seconds / corpus.samples  # mean audio seconds per sample
+    first, _ = steady_rate(pipe.marks)
+    tl = []
+    if pipe.timeline and pipe.marks and pipe.marks.get("pipeline_start_wall") and os.path.exists(pipe.timeline):
+        from benchlib import timeline_summary
+
+        tl = timeline_summary(pipe.timeline, pipe.marks["pipeline_start_wall"])
+    calls = next((t for t in tl if t[0] == "teacher calls (submit)"), None)
+    # Steady state: all samples over the span of the teacher actor's calls, from its first call
+    # to its last (Ray's task events). Start-up (Ray Data's actors, the actor's imports and
+    # model load) lies before the first call; the span is the pipeline with a warm teacher.
+    steady = n / (calls[2] - calls[1]) if calls and calls[2] > calls[1] else None
+    pure = (m["pure_before"]["samples_per_s"] + m["pure_after"]["samples_per_s"]) / 2
+    ratio = pipe_sps / pure
+
+    def row(name, sps, cpu_ms=None, note=""):
+        a = f"{sps * per_s:>11,.1f}" if audio else ""
+        c = f"{cpu_ms:>10.2f}" if cpu_ms is not None else f"{'':>10}"
+        print(f"  {name:<48}{sps:>11,.1f}{a}{sps / pure:>9.2f}{c}  {note}")
+
+    print(f"\n== {cfg['teacher']}  batch {cfg['batch_size']}  {m['level']} level  {m['num_classes']} classes  "
+          f"top-{m['k']}  device {m['device']}  torch threads {m['threads']}  ({os.cpu_count()} CPUs)")
+    print(f"  {'':<48}{'samples/s':>11}{'audio-s/s' if audio else '':>11}{'/pure':>9}{'CPU ms/s':>10}")
+    for tag, label in (("pure_before", "pure forward, before the pipeline"), ("pure_after", "pure forward, after the pipeline")):
+        p = m[tag]
+        row(label, p["samples_per_s"], p["cpu_ms_per_sample"], f"{p['seconds']:.1f} s timed, load avg {p['loadavg']:.1f}")
+    row("pure forward, mean (the reference)", pure)
+    row("actor __call__, mean (copy+forward+top-k+Arrow)", m["actor_call"]["samples_per_s"],
+        m["actor_call"]["cpu_ms_per_sample"], "timed in rounds alternating with the pure forward")
+    row("decode, one core (DecodeShards, one shard)", m["decode"]["samples_per_s"], m["decode"]["cpu_ms_per_sample"],
+        "decode alone, not a share of pure")
+    window = pipe.tree.cpu_between(pipe.marks["pipeline_start_wall"]) if pipe.marks and pipe.marks.get("pipeline_start_wall") else {}
+    other = window.pop("other processes (not ours)", None)
+    teacher_cpu = sum(v for r, v in window.items() if "TeacherPredictor" in r)
+    row("pipeline (summary: samples / seconds)", pipe_sps, 1e3 * teacher_cpu / n if n else None,
+        f"{n:,} samples in {s['seconds']:.1f} s (CPU ms/s. = teacher actor's)")
+    if steady:
+        row("pipeline, steady (span of the teacher's calls)", steady, None,
+            f"teacher busy {calls[3]:.1f} s of {calls[2] - calls[1]:.1f} s ({calls[3] / (calls[2] - calls[1]):.0%}); "
+            f"first call {calls[1]:.1f} s after the start")
+    task_cpu = ray_data_task_cpu(pipe.marks.get("ray_data_stats", "") if pipe.marks else "", "TeacherPredictor")
+    if window:
+        pure_cpu = (m["pure_before"]["cpu_ms_per_sample"] + m["pure_after"]["cpu_ms_per_sample"]) / 2
+        tree_cpu = 1e3 * sum(window.values()) / n
+        actor_cpu = 1e3 * teacher_cpu / n
+        tasks = (f"; its tasks alone (Ray Data's remote CPU time) {1e3 * task_cpu / n:.2f}" if task_cpu else "")
+        dec_cpu = ray_data_task_cpu(pipe.marks.get("ray_data_stats", ""), "DecodeShards")
+        if dec_cpu:
+            tasks += (f"; decode tasks {1e3 * dec_cpu / n:.2f} (in-process "
+                      f"{m['decode']['cpu_ms_per_sample']:.2f})")
+        print(f"  CPU-time view (robust to other load): pure forward {pure_cpu:.2f} ms/sample, actor call in-process "
+              f"{m['actor_call']['cpu_ms_per_sample']:.2f}; in the pipeline the teacher actor process spent "
+              f"{actor_cpu:.2f} (incl. its start-up){tasks}; the whole process tree {tree_cpu:.2f}")
+    print(f"  Ray start-up (excluded above): {s['startup_seconds']:.1f} s; whole child process {pipe.wall:.1f} s")
+    print(f"  written: {s['bytes_written']:,} bytes ({s.get('bytes_per_frame') or s.get('bytes_per_sample')} per "
+          f"{'frame' if m['level'] == 'frame' else 'sample'})")
+    if window:
+        total = sum(window.values())
+        print(f"  CPU seconds during the pipeline ({s['seconds']:.1f} s x {os.cpu_count()} CPUs = "
+              f"{s['seconds'] * os.cpu_count():.0f} CPU-s available; our process tree used {total:.1f}):")
+        for role, secs in list(window.items())[:10]:
+            print(f"    {role:<56}{secs:>7.1f} s {1e3 * secs / n:>8.2f} ms/sample")
+        if other is not None:
+            print(f"    {'(other processes on this machine, not ours)':<56}{other:>7.1f} s")
+    if tl:
+        print("  timeline (s after the pipeline start; from Ray's task events):")
+        for what, a, b, busy, count in tl:
+            print(f"    {what:<30} first start {a:6.1f}  last end {b:6.1f}  busy {busy:6.1f} s in {count} span(s)")
+        if first is not None:
+            print(f"    {'first result at the driver':<30} {first:6.1f}")
+    print(f"  peak RSS: driver {mib(pipe.tree.peak_driver_rss)}, largest worker {mib(pipe.tree.peak_worker_rss)} "
+          f"({pipe.tree.peak_worker_role})")
+    return {"in_process": m, "pure_samples_per_s": pure,
+            "pipeline": {"summary": s, "samples_per_s": pipe_sps, "audio_s_per_s": pipe_sps * per_s if audio else None,
+                         "first_batch_s": first, "steady_samples_per_s": steady, "cpu_in_window": window,
+                         "other_cpu_in_window": other,
+                         "timeline": tl, "wall": pipe.wall, "peak_driver_rss": pipe.tree.peak_driver_rss,
+                         "peak_worker_rss": pipe.tree.peak_worker_rss},
+            "teacher_task_cpu_s": task_cpu, "ratio": ratio, "ratio_steady": (steady / pure) if steady else None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
