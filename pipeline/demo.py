@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pipeline import storage
 
 SIZES = {
-    # labeled, unlabeled, test, teacher epochs (each = --labeled-repeat passes), student epochs
-    "full": {"labeled": 300, "unlabeled": 4000, "test": 1000, "teacher_epochs": 6, "student_epochs": 4},
-    "small": {"labeled": 300, "unlabeled": 1200, "test": 300, "teacher_epochs": 6, "student_epochs": 8},
+    # split sizes; teacher epochs (each = --labeled-repeat 10 passes); pool students' epochs, batch
+    # per worker and lr (a small pool needs smaller batches to take as many optimizer steps)
+    "full": {"labeled": 300, "unlabeled": 4000, "test": 1000, "teacher_epochs": 6, "student_epochs": 7,
+             "student_batch": 64, "student_lr": 0.01},
+    "small": {"labeled": 300, "unlabeled": 1200, "test": 300, "teacher_epochs": 6, "student_epochs": 10,
+              "student_batch": 16, "student_lr": 0.005},
 }
 MODELS = {
     "audio": {"teacher": "pipeline.models.zoo:audio_cnn?width=32&depth=4&time_stride=4",
@@ -136,7 +139,7 @@ def run(argv=None) -> int:
     timings["teacher"] = _step(
         "2. teacher on the labeled set", "train_student.py",
         ["--labeled", lab, "--student", m["teacher"], "--output", ckpt["teacher"], "--epochs", str(size["teacher_epochs"]),
-         "--labeled-repeat", "10", "--batch-size", "16", "--lr", "0.005", *m["prep"], *common], train)
+         "--labeled-repeat", "10", "--batch-size", "32", "--lr", "0.005", *m["prep"], *common], train)
     cache = storage.join(out, "softtargets")
     timings["pseudo_label"] = _step(
         "3. pseudo-label the pool into the soft-target cache", "pseudo_label.py",
@@ -148,15 +151,16 @@ def run(argv=None) -> int:
     k = SoftTargetRun(cache).manifest.k
     for st in students(k):
         ckpt[st.name] = storage.join(out, st.name)
-        if st.name == "student_labeled_only":
+        if st.name == "student_labeled_only":  # the teacher's own recipe, on the small model
             argv = ["--labeled", lab, "--epochs", str(size["teacher_epochs"]), "--labeled-repeat", "10",
-                    "--batch-size", "16"]
+                    "--batch-size", "32", "--lr", "0.005"]
         else:
             argv = ["--soft-targets", cache, "--labeled", lab, "--labeled-ratio", "0.2",
-                    "--epochs", str(size["student_epochs"]), "--batch-size", "16", *st.argv]
+                    "--epochs", str(size["student_epochs"]), "--batch-size", str(size["student_batch"]),
+                    "--lr", str(size["student_lr"]), *st.argv]
         timings[st.name] = _step(f"4. {st.name}: {st.what}", "train_student.py",
-                                 argv + ["--student", m["student"], "--output", ckpt[st.name], "--lr", "0.005",
-                                         *common], train)
+                                 argv + ["--student", m["student"], "--output", ckpt[st.name], *m["prep"], *common],
+                                 train)
 
     results = []
     for name, path in ckpt.items():
