@@ -75,6 +75,11 @@ class LocalCluster:
         # ray.init() in the same test session may have left in it.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+        # The nodes run from this interpreter's environment, as if its venv were activated: a job's
+        # `python` entrypoint resolves through the nodes' PATH, and `make test` does not activate
+        # the venv (on a fresh machine plain `python` has no torch).
+        bindir = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join([bindir, self.env.get("PATH", "")])
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.sessions: set[int] = set()
