@@ -66,8 +66,9 @@ def write_report(out: str, results: list[dict], cache: str, checkpoints: dict[st
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, path in checkpoints.items():
         hist = read_metrics(path)
-        if hist:
-            ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], marker="o", ms=3, label=name)
+        if not hist:  # every trained model has its history: an empty plot would hide a lost file
+            raise FileNotFoundError(f"{storage.join(path, 'metrics.jsonl')}: no training metrics for {name}")
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], marker="o", ms=3, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

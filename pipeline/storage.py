@@ -34,6 +34,16 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's working directory; URIs unchanged.
+
+    Paths handed to Ray Train workers must be absolute: the workers run in a directory of
+    their own (under Ray's session dir), so a relative path would land there."""
+    if is_remote(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with '/'."""
     if is_remote(uri):

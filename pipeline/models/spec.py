@@ -20,7 +20,7 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, unquote_plus
 
 import torch
 from torch import nn
@@ -96,6 +96,31 @@ def parse_spec(spec: str | dict) -> ModelSpec:
         f"model spec {spec!r}: not a checkpoint directory (no {CHECKPOINT_CONFIG}), not a TorchScript file, "
         "and not 'package.module:factory'"
     )
+
+
+def absolute_spec(spec: str | dict | None) -> str | dict | None:
+    """The same SPEC with its local paths (checkpoint directory, TorchScript file, ``weights=``)
+    made absolute, so that it resolves to the same files in a process with another working
+    directory (Ray Train workers). Anything else is returned unchanged."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        if spec.get("weights"):
+            return {**spec, "weights": storage.absolute(str(spec["weights"]))}
+        return spec
+    text = str(spec).strip()
+    if storage.exists(text):
+        return storage.absolute(text)
+    target, sep, query = text.partition("?")
+    if not sep or ":" not in target:
+        return spec
+    parts = []
+    for part in query.split("&"):
+        name, eq, value = part.partition("=")
+        if name == "weights" and eq:
+            value = quote(storage.absolute(unquote_plus(value)), safe="/:")
+        parts.append(f"{name}{eq}{value}")
+    return f"{target}?{'&'.join(parts)}"
 
 
 def _factory_spec(target: str, kwargs: dict, weights: str | None) -> ModelSpec:

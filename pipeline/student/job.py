@@ -22,7 +22,8 @@ from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessin
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.models.probe import probe_output
-from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, build_model, describe_model, parse_spec
+from pipeline.models.spec import (CHECKPOINT_CONFIG, SpecError, absolute_spec, build_model, describe_model,
+                                  parse_spec)
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.student.losses import LOSSES
 from pipeline.softtargets import TAIL_MODES, id_dtype
@@ -259,6 +260,19 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
     return cfg, tasks, eval_tasks
 
 
+def _absolute_paths(args) -> None:
+    """Local paths in the flags, made absolute in place: Ray Train workers run in a working
+    directory of their own, where a relative --output or SPEC would point somewhere else."""
+    for name in ("output", "soft_targets"):
+        if getattr(args, name):
+            setattr(args, name, storage.absolute(getattr(args, name)))
+    for name in ("input", "labeled", "eval"):
+        if getattr(args, name):
+            setattr(args, name, [storage.absolute(u) for u in getattr(args, name)])
+    args.student = absolute_spec(args.student)
+    args.online_teacher = absolute_spec(args.online_teacher)
+
+
 def _final_done(args, cfg) -> dict | None:
     uri = storage.join(args.output, FINAL_DIR, CHECKPOINT_CONFIG)
     if not storage.exists(uri):
@@ -286,6 +300,7 @@ def run(argv=None) -> int:
     args = parse_args(parser, argv)
     try:
         _validate(args)
+        _absolute_paths(args)
         cfg, tasks, eval_tasks = plan(args)
         done = _final_done(args, cfg)
     except (ConfigError, FormatError, FileNotFoundError) as e:
@@ -317,7 +332,8 @@ def run(argv=None) -> int:
     summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
                "last": last}
-    print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {last.get('loss')}; final model in "
+    loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
+    print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {loss}; final model in "
           f"{final_uri} (a valid --teacher and --checkpoint)", flush=True)
     print(json.dumps({"summary": summary}), flush=True)
     return 0

@@ -184,9 +184,16 @@ def train_loop(cfg: dict) -> None:
         t0 = time.monotonic()
         sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
         samples = 0
-        for b in train_it.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate_fn,
-                                             local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                             local_shuffle_seed=cfg["seed"] + 1000 * epoch + rank):
+        batches = iter(train_it.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate_fn,
+                                                   local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                                                   local_shuffle_seed=cfg["seed"] + 1000 * epoch + rank, prefetch_batches=4))
+        data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
+        while True:
+            t_wait = time.monotonic()
+            b = next(batches, None)
+            data_wait += time.monotonic() - t_wait
+            if b is None:
+                break
             b = _to_device(b, device)
             amp = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
             with amp:
@@ -221,12 +228,14 @@ def train_loop(cfg: dict) -> None:
                 break
         epoch += 1
         seconds = time.monotonic() - t0
-        red = _all_reduce(sums + [samples], device)
+        red = _all_reduce(sums + [samples, data_wait], device)
         metrics = {
             "epoch": epoch, "step": step, "loss": red[0] / max(red[1], 1),
             "ce": red[2] / red[3] if red[3] else None, "kd": red[4] / red[5] if red[5] else None,
             "lr": sched.get_last_lr()[0], "samples": int(red[6]), "seconds": round(seconds, 3),
             "samples_per_s": round(red[6] / seconds, 2) if seconds > 0 else None,
+            # mean over workers of the share of the epoch spent waiting for input
+            "data_wait_share": round(red[7] / world / seconds, 3) if seconds > 0 else None,
         }
         if eval_it is not None:
             mod = model.module if hasattr(model, "module") else model
@@ -261,7 +270,8 @@ def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
             acc = f" eval_acc {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
             log.info(f"[train] epoch {epoch}/{cfg['epochs']} step {step} loss {metrics['loss']:.4f} ce {ce} kd {kd} "
-                     f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s{acc}")
+                     f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait "
+                     f"{metrics['data_wait_share']:.0%}{acc}")
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 

@@ -96,3 +96,25 @@ def test_bad_specs_name_the_problem(tmp_path):
     (tmp_path / "bad" / "config.json").write_text('{"format": "something-else"}')
     with pytest.raises(SpecError, match="not a kdpipe checkpoint"):
         parse_spec(str(tmp_path / "bad"))
+
+
+def test_absolute_spec_pins_local_paths_to_this_directory(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory: a SPEC handed to them must not
+    depend on the driver's."""
+    from pipeline.models.spec import absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    model = audio_cnn(width=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "w b.safetensors")
+    save_checkpoint(str(tmp_path / "ck"), model, CNN, {"width": 8},
+                    {"num_classes": 10, "modality": "audio", "level": "utterance", "preprocessing": {}})
+    rel = f"{CNN}?width=8&weights=w%20b.safetensors&level=utterance"
+    got = absolute_spec(rel)
+    assert got == f"{CNN}?width=8&weights={tmp_path}/w%20b.safetensors&level=utterance"
+    assert absolute_spec("ck") == str(tmp_path / "ck")
+    assert absolute_spec({"factory": CNN, "weights": "w b.safetensors"})["weights"] == str(tmp_path / "w b.safetensors")
+    assert absolute_spec(f"{CNN}?width=8") == f"{CNN}?width=8"  # nothing local: unchanged
+    assert absolute_spec(None) is None
+    monkeypatch.chdir("/")
+    assert _same(build_model(parse_spec(got)), model)  # resolves from anywhere
+    assert parse_spec(absolute_spec(str(tmp_path / "ck"))).kind == "checkpoint"

@@ -153,6 +153,28 @@ def test_killed_worker_recovers(cache, tmp_path, capsys):
     assert [m["step"] for m in history] == [3, 6, 9]  # 24 rows / 2 workers / batch 4
 
 
+def test_relative_paths_mean_the_launch_directory(cache, tmp_path, monkeypatch, capsys):
+    """Relative --labeled/--eval/--output and a relative weights file name the same files in the
+    Ray Train workers as in the driver, although the workers run in a directory of their own."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.spec import build_model, parse_spec
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(cache / "lab", tmp_path / "lab")
+    init = build_model(parse_spec(STUDENT))
+    save_file({k: v.contiguous() for k, v in init.state_dict().items()}, "init.safetensors")
+    assert train(["--labeled", "lab", "--eval", "lab", "--student", STUDENT + "&weights=init.safetensors",
+                  "--output", "out", "--epochs", "1", *COMMON]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads([ln for ln in text.splitlines() if ln.startswith('{"summary"')][-1])["summary"]
+    assert summary["final"] == str(tmp_path / "out" / "final")
+    history = read_metrics("out")
+    assert [m["epoch"] for m in history] == [1] and history[0]["eval_accuracy"] is not None
+    assert (tmp_path / "out" / "metrics.jsonl").is_file() and (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    assert summary["last"]["epoch"] == 1 and "done: epoch 1 step 1" in text
+
+
 def test_incompatible_caches_are_refused(cache, tmp_path, capsys):
     def refused(*argv) -> str:
         with pytest.raises(SystemExit) as e:
