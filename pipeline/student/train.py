@@ -184,9 +184,11 @@ def train_loop(cfg: dict) -> None:
         t0 = time.monotonic()
         sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
         samples = 0
+        # prefetch 4: a few batches in hand smooth over the gaps between blocks of the input
         batches = iter(train_it.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate_fn,
                                                    local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                                   local_shuffle_seed=cfg["seed"] + 1000 * epoch + rank, prefetch_batches=4))
+                                                   local_shuffle_seed=cfg["seed"] + 1000 * epoch + rank,
+                                                   prefetch_batches=4))
         data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
         while True:
             t_wait = time.monotonic()
@@ -269,9 +271,10 @@ def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
             acc = f" eval_acc {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
+            wait = f"{metrics['data_wait_share']:.0%}" if metrics.get("data_wait_share") is not None else "-"
             log.info(f"[train] epoch {epoch}/{cfg['epochs']} step {step} loss {metrics['loss']:.4f} ce {ce} kd {kd} "
                      f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait "
-                     f"{metrics['data_wait_share']:.0%}{acc}")
+                     f"{wait}{acc}")
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 

@@ -171,6 +171,7 @@ def test_relative_paths_mean_the_launch_directory(cache, tmp_path, monkeypatch, 
     assert summary["final"] == str(tmp_path / "out" / "final")
     history = read_metrics("out")
     assert [m["epoch"] for m in history] == [1] and history[0]["eval_accuracy"] is not None
+    assert 0 <= history[0]["data_wait_share"] <= 1
     assert (tmp_path / "out" / "metrics.jsonl").is_file() and (tmp_path / "out" / "final" / "model.safetensors").is_file()
     assert summary["last"]["epoch"] == 1 and "done: epoch 1 step 1" in text
 
