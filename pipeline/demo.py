@@ -28,7 +28,7 @@ SIZES = {
     # per worker and lr (a small pool needs smaller batches to take as many optimizer steps)
     "full": {"labeled": 300, "unlabeled": 4000, "test": 1000, "teacher_epochs": 6, "student_epochs": 6,
              "student_batch": 64, "student_lr": 0.01},
-    "small": {"labeled": 300, "unlabeled": 1200, "test": 300, "teacher_epochs": 6, "student_epochs": 10,
+    "small": {"labeled": 300, "unlabeled": 1200, "test": 1000, "teacher_epochs": 6, "student_epochs": 10,
               "student_batch": 16, "student_lr": 0.005},
 }
 MODELS = {

@@ -16,7 +16,7 @@ def test_demo_small(tmp_path, ray_local, capsys):
     text = capsys.readouterr().out
     corpus = json.loads((out / "data" / "corpus.json").read_text())
     counts = {k: v["count"] for k, v in corpus["splits"].items()}
-    assert counts == {"labeled": 300, "unlabeled": 1200, "test": 300}
+    assert counts == {"labeled": 300, "unlabeled": 1200, "test": 1000}
 
     cache = SoftTargetRun(str(out / "softtargets"))
     assert cache.manifest.total_rows + len(cache.errors()) == counts["unlabeled"]
@@ -38,5 +38,11 @@ def test_demo_small(tmp_path, ray_local, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| student_soft_k10_T1 |" in (out / "results.md").read_text() and "| teacher |" in text
 
-    soft, labeled = rows["student_soft_k10_T1"]["test_accuracy"], rows["student_labeled_only"]["test_accuracy"]
-    assert soft > labeled + 0.02, (soft, labeled)
+    # The ordering the demo exists to show. At this size (1,200 pool clips) the measured gap is
+    # ~4 points on 1,000 test clips (80.1 vs 76.0), a few standard errors; the full demo's is
+    # 11-13 (README). The soft-target student must be above the labeled-only one, and within
+    # 10 points of its teacher.
+    acc = {name: r["test_accuracy"] for name, r in rows.items()}
+    labeled = acc["student_labeled_only"]
+    assert acc["student_soft_k10_T1"] > labeled, acc
+    assert acc["teacher"] - acc["student_soft_k10_T1"] < 0.10, acc
