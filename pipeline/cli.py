@@ -6,7 +6,7 @@ import argparse
 import os
 
 from pipeline.config import ConfigError
-from pipeline.modalities import preprocessing_from_dict
+from pipeline.modalities import DEFAULT_LIMITS, DecodeLimits, preprocessing_from_dict
 
 AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "n_mels", "win_ms": "win_ms",
                "hop_ms": "hop_ms", "chunk_seconds": "chunk_seconds", "crop_seconds": "crop_seconds"}
@@ -57,6 +57,41 @@ def resolve_preprocessing(modality: str, from_model: dict | None, args) -> dict:
         return preprocessing_from_dict(base).to_dict()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"preprocessing: {e}") from None
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-module", action="append", default=None, metavar="MODULE",
+                   help="a Python module (or package) whose model factories checkpoints may name; repeatable. "
+                        "Without it a checkpoint can only name kdpipe's own factories (docs/recipes.md, Security)")
+
+
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that bound what one sample may make a decode task allocate (DecodeLimits)."""
+    g = p.add_argument_group("input limits (larger samples are quarantined, not decoded)")
+    g.add_argument("--max-image-pixels", type=int, default=DEFAULT_LIMITS.max_image_pixels,
+                   help="largest width x height an image header may declare (RGB costs 3 bytes a pixel)")
+    g.add_argument("--max-audio-seconds", type=float, default=DEFAULT_LIMITS.max_audio_seconds,
+                   help="longest recording decoded (at its own rate; raise it for long recordings with --chunk-seconds)")
+    g.add_argument("--max-member-mb", type=float, default=DEFAULT_LIMITS.max_member_bytes / 2**20,
+                   help="largest tar member read into memory, in MiB")
+
+
+def limits_from_args(args) -> DecodeLimits:
+    try:
+        return DecodeLimits(max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
+                            max_member_bytes=int(args.max_member_mb * 2**20))
+    except ValueError:
+        raise ConfigError("--max-image-pixels, --max-audio-seconds and --max-member-mb must be > 0") from None
+
+
+def use_gpu(device: str) -> bool:
+    """Whether the job's GPU work goes to GPUs (call after init_ray): --device cuda always
+    (an autoscaling GPU group may still be starting), auto when the cluster has GPUs now."""
+    import ray
+
+    if device == "cpu":
+        return False
+    return device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0
 
 
 def init_ray(address: str | None) -> None:

@@ -8,6 +8,7 @@ botocore reads: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TO
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
@@ -17,6 +18,44 @@ import fsspec
 from braceexpand import braceexpand
 
 GLOB_CHARS = "*?["
+_IO_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3")
+
+
+class StorageError(OSError):
+    """A URI that cannot be reached, read or written (unreachable endpoint, missing bucket,
+    no credentials, unknown protocol). The message is one line naming the URI; never a secret."""
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an I/O exception: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
+
+
+def _is_io_error(e: BaseException) -> bool:
+    if isinstance(e, (OSError, TimeoutError)):
+        return True
+    if type(e).__module__.split(".")[0] in _IO_ERROR_MODULES:
+        return True
+    return isinstance(e, ValueError) and "protocol" in str(e).lower()
+
+
+def _reaching(what: str):
+    """Decorator: I/O failures of a storage function become one StorageError naming the URI
+    (its first argument); FileNotFoundError passes through unchanged."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(uri, *args, **kwargs):
+            try:
+                return fn(uri, *args, **kwargs)
+            except (FileNotFoundError, StorageError):
+                raise
+            except Exception as e:
+                if not _is_io_error(e):
+                    raise
+                raise StorageError(f"{uri}: cannot {what} ({describe_error(e)})") from None
+        return inner
+    return wrap
 
 
 def is_remote(uri: str) -> bool:
@@ -24,6 +63,7 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+@_reaching("open")
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
     if is_remote(uri):
@@ -63,56 +103,83 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, uri_hint: str, path: str) -> s
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One input shard: its URI and size in bytes (for ETA by bytes)."""
+    """One input shard: its canonical URI, size in bytes (for ETA by bytes), and every spelling
+    under which the command line named it (more than one: the same input given twice)."""
 
     uri: str
     size: int
+    spellings: tuple[str, ...] = ()
+
+
+def canonical_uri(uri: str) -> str:
+    """The identity of a file: a local path resolved (``.``/``..``/symlinks, ``file://`` dropped)
+    to an absolute real path; a remote URI as the store lists it (an S3 key is an opaque
+    string: ``a/./b`` and ``a/b`` are two objects there)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if is_remote(uri):
+        return uri
+    return os.path.realpath(uri)
 
 
 def expand_shards(specs: list[str], extensions: tuple[str, ...]) -> list[ShardRef]:
     """Expand directories, globs and brace patterns into a sorted, de-duplicated shard list.
 
     specs: e.g. ``["data/", "s3://b/train/shard-{0000..0099}.tar", "more/*.parquet"]``.
-    A directory contributes its files whose names end in one of ``extensions``.
-    Raises FileNotFoundError naming the spec that matched nothing.
+    A directory contributes its files whose names end in one of ``extensions``. Files are
+    identified by ``canonical_uri``: one file named twice (``d/s1.tar``, ``d/./s1.tar``, a
+    symlink to it) is one shard whose ``spellings`` list both names.
+    Raises FileNotFoundError naming the spec that matched nothing; StorageError when a
+    location cannot be reached.
     """
     found: dict[str, int] = {}
+    spellings: dict[str, list[str]] = {}
     for spec in specs:
         matched = 0
-        for one in braceexpand(spec):
-            fs, path = filesystem(one)
-            if any(c in path for c in GLOB_CHARS):
-                infos = fs.glob(path, detail=True)
-                entries = [(p, i) for p, i in infos.items() if i.get("type") == "file"]
-            elif fs.isdir(path):
-                entries = [
-                    (i["name"], i)
-                    for i in fs.ls(path, detail=True)
-                    if i.get("type") == "file" and i["name"].endswith(extensions)
-                ]
-            elif fs.isfile(path):
-                entries = [(path, fs.info(path))]
-            else:
-                raise FileNotFoundError(f"input {one!r} (from {spec!r}) does not exist")
-            for p, info in entries:
-                found[_with_protocol(fs, one, p)] = int(info.get("size") or 0)
+        for one in braceexpand(str(spec)):
+            for p, size in _expand_one(one, spec, extensions):
+                uri = canonical_uri(p)
+                found[uri] = size
+                names = spellings.setdefault(uri, [])
+                if p not in names:
+                    names.append(p)
                 matched += 1
         if matched == 0:
             raise FileNotFoundError(f"input {spec!r} matched no files ending in {', '.join(extensions)}")
-    return [ShardRef(u, s) for u, s in sorted(found.items())]
+    return [ShardRef(u, s, tuple(spellings[u])) for u, s in sorted(found.items())]
 
 
+@_reaching("list")
+def _expand_one(one: str, spec: str, extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+    """[(uri as spelled, size)] for one brace-expanded input spec."""
+    fs, path = filesystem(one)
+    if any(c in path for c in GLOB_CHARS):
+        infos = fs.glob(path, detail=True)
+        entries = [(p, i) for p, i in infos.items() if i.get("type") == "file"]
+    elif fs.isdir(path):
+        entries = [(i["name"], i) for i in fs.ls(path, detail=True)
+                   if i.get("type") == "file" and i["name"].endswith(extensions)]
+    elif fs.isfile(path):
+        entries = [(one if not is_remote(one) else path, fs.info(path))]
+    else:
+        raise FileNotFoundError(f"input {one!r} (from {spec!r}) does not exist")
+    return [(_with_protocol(fs, one, p), int(info.get("size") or 0)) for p, info in entries]
+
+
+@_reaching("check")
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
 
 
+@_reaching("read")
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@_reaching("open for reading")
 def open_read(uri: str):
     """A binary file object for streaming reads (local or s3)."""
     fs, path = filesystem(uri)
@@ -125,10 +192,12 @@ def makedirs(uri: str) -> None:
     # object stores have no directories
 
 
-def atomic_write_bytes(uri: str, data: bytes) -> None:
+@_reaching("write")
+def atomic_write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` so that readers see either the old file or the complete new one.
 
-    Local: write a temp file in the same directory, fsync, then rename over the target.
+    Local: write a temp file in the same directory, fsync (unless not ``durable``: scratch
+    files a crash may lose), then rename over the target.
     S3: one PUT (or one multipart upload), which becomes visible only when complete.
     """
     if is_remote(uri):
@@ -144,14 +213,16 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, uri)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -168,12 +239,26 @@ def _fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
+@_reaching("remove")
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
+@_reaching("list")
+def list_sizes(uri: str, recursive: bool = False) -> dict[str, int]:
+    """{full URI: size} of the files under ``uri`` (directly, or at any depth); {} if absent.
+    One listing request per 1,000 files on S3, whatever their number."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.find(path, detail=True).values() if recursive else fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {_with_protocol(fs, uri, i["name"]): int(i.get("size") or 0) for i in infos if i.get("type") == "file"}
+
+
+@_reaching("list")
 def listdir(uri: str) -> list[str]:
     """Full URIs of the files directly under ``uri`` (empty if it does not exist)."""
     fs, path = filesystem(uri)

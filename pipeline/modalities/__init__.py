@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.modalities.audio import AUDIO_EXTENSIONS, AudioFrontend, AudioPreprocessing
-from pipeline.modalities.errors import DecodeError
+from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 from pipeline.modalities.image import IMAGE_EXTENSIONS, ImageFrontend, ImagePreprocessing
 
 Preprocessing = AudioPreprocessing | ImagePreprocessing
@@ -24,15 +24,19 @@ def make_frontend(prep: Preprocessing):
     return AudioFrontend(prep) if isinstance(prep, AudioPreprocessing) else ImageFrontend(prep)
 
 
-def prepare(data: bytes, prep: Preprocessing) -> list[tuple[tuple[int, int] | None, "np.ndarray"]]:
+def prepare(data: bytes, prep: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS
+            ) -> list[tuple[tuple[int, int] | None, "np.ndarray"]]:
     """Encoded media -> [(chunk bounds or None, array)]: audio (N,) float32 at the model rate,
-    image (crop, crop, 3) uint8. Raises DecodeError."""
+    image (crop, crop, 3) uint8. Raises DecodeError (bounded by ``limits``)."""
     from pipeline.modalities.audio import prepare_waveform
     from pipeline.modalities.image import prepare_image
 
-    if isinstance(prep, AudioPreprocessing):
-        return prepare_waveform(data, prep)
-    return [(None, prepare_image(data, prep))]
+    try:
+        if isinstance(prep, AudioPreprocessing):
+            return prepare_waveform(data, prep, limits)
+        return [(None, prepare_image(data, prep, limits))]
+    except MemoryError:  # resampling or resizing a large (but allowed) input
+        raise DecodeError("out_of_memory", "preparing the sample ran out of memory") from None
 
 
 def chunk_key(key: str, bounds: tuple[int, int] | None) -> str:
@@ -45,6 +49,7 @@ def media_extensions(modality: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "AudioFrontend", "AudioPreprocessing", "DecodeError", "ImageFrontend",
+    "AUDIO_EXTENSIONS", "DEFAULT_LIMITS", "IMAGE_EXTENSIONS", "AudioFrontend", "AudioPreprocessing", "DecodeError",
+    "DecodeLimits", "ImageFrontend",
     "ImagePreprocessing", "Preprocessing", "chunk_key", "make_frontend", "prepare", "media_extensions", "preprocessing_from_dict",
 ]

@@ -17,7 +17,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from pipeline.modalities.errors import DecodeError
+from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")
 FEATURES = ("logmel", "fbank", "none")
@@ -69,16 +69,30 @@ class AudioPreprocessing:
         return self.hop_ms if self.features != "none" else 1000.0 / self.sample_rate
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     """Encoded audio bytes (flac/wav/ogg/mp3) -> (wave (N,) float32 mono in [-1, 1], sample rate).
 
-    Raises DecodeError("corrupt_audio" | "empty_audio", detail).
+    Raises DecodeError("corrupt_audio" | "empty_audio" | "audio_too_long" | "out_of_memory").
+    At most ``limits.max_audio_seconds`` are ever decoded, whatever the header declares.
     """
     try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, channels)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr = int(f.samplerate)
+            cap = int(limits.max_audio_seconds * sr)
+            if f.frames > cap:
+                raise DecodeError("audio_too_long", f"{f.frames / sr:,.1f} s, above the limit of "
+                                                    f"{limits.max_audio_seconds:g} s (--max-audio-seconds)")
+            wave = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # (N, channels)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("out_of_memory", "decoding the audio ran out of memory") from None
     except Exception as e:  # libsndfile reports every failure as a generic error
         detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "audio bytes", str(e))
         raise DecodeError("corrupt_audio", f"{type(e).__name__}: {detail}") from None
+    if wave.shape[0] > cap:  # the header under-declared its length
+        raise DecodeError("audio_too_long", f"more than the limit of {limits.max_audio_seconds:g} s "
+                                            "(--max-audio-seconds)")
     if wave.shape[0] == 0:
         raise DecodeError("empty_audio", "no samples")
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
@@ -123,12 +137,13 @@ def crop_or_pad(wave: np.ndarray, num_samples: int) -> np.ndarray:
     return np.pad(wave, (left, num_samples - n - left))
 
 
-def prepare_waveform(data: bytes, prep: AudioPreprocessing) -> list[tuple[tuple[int, int] | None, np.ndarray]]:
+def prepare_waveform(data: bytes, prep: AudioPreprocessing, limits: DecodeLimits = DEFAULT_LIMITS
+                     ) -> list[tuple[tuple[int, int] | None, np.ndarray]]:
     """Decode + mono + resample + crop/chunk: bytes -> [(chunk bounds or None, wave (N,) float32)].
 
     Bounds are in samples at prep.sample_rate; None when the recording is not chunked.
     """
-    wave, sr = decode_audio(data)
+    wave, sr = decode_audio(data, limits)
     wave = resample(wave, sr, prep.sample_rate)
     if wave.shape[0] == 0:
         raise DecodeError("empty_audio", "no samples after resampling")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from pipeline.modalities.errors import DecodeError
+from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -48,21 +48,34 @@ class ImagePreprocessing:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image. Raises DecodeError("corrupt_image" | "empty_image")."""
+def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image.
+
+    Raises DecodeError: "empty_image", "corrupt_image", "image_too_large" (the header declares
+    more than ``limits.max_image_pixels``, checked before any pixel is decoded; Pillow's own
+    decompression-bomb check lands here too) or "out_of_memory".
+    """
     if not data:
         raise DecodeError("empty_image", "0 bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise DecodeError("image_too_large", f"{w}x{h} = {w * h:,} pixels, above the limit of "
+                                                 f"{limits.max_image_pixels:,} (--max-image-pixels)")
         img.load()  # decode now, so truncated files fail here and not later
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise DecodeError("image_too_large", str(e)) from None
+    except MemoryError:
+        raise DecodeError("out_of_memory", "decoding the image ran out of memory") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError("corrupt_image", f"{type(e).__name__}: {e}") from None
-    return img.convert("RGB")
 
 
-def prepare_image(data: bytes, prep: ImagePreprocessing) -> np.ndarray:
+def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """bytes -> (crop, crop, 3) uint8: decode, resize shorter side to prep.resize, centre crop."""
-    img = decode_image(data)
+    img = decode_image(data, limits)
     w, h = img.size
     scale = prep.resize / min(w, h)
     nw, nh = max(prep.crop, round(w * scale)), max(prep.crop, round(h * scale))

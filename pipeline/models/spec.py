@@ -10,6 +10,12 @@ Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
    ``{factory: ..., kwargs: {...}, weights: ...}``. Weights are a safetensors file or a
    state_dict loaded with ``torch.load(weights_only=True)``: never an arbitrary pickle.
 3. A TorchScript archive (``torch.jit.save``).
+
+Trust (docs/recipes.md, "Security"): a spec string the user typed names its factory, and
+that is the user's decision. A checkpoint is data: the factory its ``config.json`` names is
+only imported when it is one of kdpipe's registered model factories (``pipeline.models``,
+``zoo.FACTORIES``) or lies in a module the user trusts explicitly (``--trust-module``).
+Anything else is refused before any import.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +40,16 @@ from pipeline.models.base import model_info
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_FORMAT = "kdpipe.checkpoint/1"
+OWN_MODELS = "pipeline.models"  # the package whose registered factories a checkpoint may name
+# "package.module:factory" (+ "?query"): recognised before anything is looked up as a path,
+# so a factory spec whose weights live on s3:// is never mistaken for a URL.
+FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\?.*)?$", re.S)
+MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Spec prefixes of teachers from other libraries (docs/recipes.md).
+EXTERNAL_PREFIXES = ("hf:", "timm:", "torchvision:", "onnx:")
+# Seed of a model built without weights when no other seed is asked for: every teacher actor
+# (and every rerun under the same fingerprint) builds the same random teacher.
+TEACHER_INIT_SEED = 0
 
 
 class SpecError(ValueError):
@@ -47,6 +65,14 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     config: dict[str, Any] | None = None  # checkpoint config.json
+    trust: tuple[str, ...] = ()  # modules the user trusts (--trust-module), checked again at build
+
+    @property
+    def factory(self) -> str | None:
+        """The "module:function" this spec builds with (None for TorchScript)."""
+        if self.kind == "checkpoint":
+            return self.config["model"]["factory"]
+        return self.source if self.kind == "factory" else None
 
     def describe(self) -> str:
         return self.source if self.kind != "factory" else f"{self.source}({canonical_json(self.kwargs)})"
@@ -68,30 +94,83 @@ def _is_torchscript(uri: str) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
-def parse_spec(spec: str | dict) -> ModelSpec:
-    """Resolve a SPEC string (or dict) into a ModelSpec; raises SpecError naming the spec."""
+def check_trust_modules(modules) -> tuple[str, ...]:
+    """--trust-module values -> a tuple of dotted module names; SpecError on a malformed one."""
+    out = []
+    for m in modules or ():
+        m = str(m).strip()
+        if not MODULE_RE.match(m):
+            raise SpecError(f"--trust-module {m!r}: expected a dotted module name such as mypkg.models")
+        out.append(m)
+    return tuple(out)
+
+
+def _in_modules(module: str, modules) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in modules)
+
+
+def check_checkpoint_factory(target: str, trust: tuple[str, ...], where: str) -> None:
+    """Refuse (SpecError) a factory named by a checkpoint unless it is one of kdpipe's registered
+    model factories or lies in a module the user trusts. Nothing outside ``pipeline.models``
+    is imported to decide."""
+    module, sep, attr = str(target).partition(":")
+    if not sep or not MODULE_RE.match(module) or not re.fullmatch(r"[A-Za-z]\w*", attr):
+        raise SpecError(f"{where}: names factory {target!r}, which is not 'package.module:factory'")
+    if _in_modules(module, trust):
+        return
+    if _in_modules(module, (OWN_MODELS,)):
+        from pipeline.models.zoo import FACTORIES
+
+        try:
+            fn = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            fn = None
+        if fn is not None and FACTORIES.get(attr) is fn:
+            return
+    raise SpecError(
+        f"{where}: names factory {target!r}, which is not one of kdpipe's model factories "
+        f"({OWN_MODELS}.zoo); a checkpoint cannot choose code to run. If you trust module {module!r}, "
+        f"pass --trust-module {module}")
+
+
+def parse_spec(spec: str | dict, trust=()) -> ModelSpec:
+    """Resolve a SPEC string (or dict) into a ModelSpec; raises SpecError naming the spec.
+
+    trust: modules (``--trust-module``) whose factories a checkpoint's config.json may name,
+    besides kdpipe's own registered ones. A factory spec typed by the user is trusted as typed.
+    """
+    trust = check_trust_modules(trust)
     if isinstance(spec, dict):
         if "factory" not in spec:
             raise SpecError(f"model spec {spec!r}: a mapping needs a 'factory' key (package.module:factory)")
         unknown = set(spec) - {"factory", "kwargs", "weights"}
         if unknown:
             raise SpecError(f"model spec {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        return _factory_spec(spec["factory"], dict(spec.get("kwargs") or {}), spec.get("weights"))
+        return _factory_spec(spec["factory"], dict(spec.get("kwargs") or {}), spec.get("weights"), trust)
     spec = str(spec).strip()
     if not spec:
         raise SpecError("empty model spec")
-    if storage.exists(storage.join(spec, CHECKPOINT_CONFIG)):
-        return _checkpoint_spec(spec)
-    if storage.exists(spec) and not storage.filesystem(spec)[0].isdir(storage.filesystem(spec)[1]):
-        if _is_torchscript(spec):
-            return ModelSpec(kind="torchscript", source=spec)
-        raise SpecError(f"model spec {spec!r}: a file that is not a TorchScript archive; "
-                        "pass weights as 'module:factory?weights=FILE'")
-    if ":" in spec and not spec.startswith(("s3://", "/", ".")):
+    if spec.startswith(EXTERNAL_PREFIXES):
+        raise SpecError(f"model spec {spec!r}: {spec.split(':', 1)[0]}: teachers are not supported by this kdpipe")
+    if FACTORY_RE.match(spec):
         target, _, query = spec.partition("?")
         kwargs = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
         weights = kwargs.pop("weights", None)
-        return _factory_spec(target, kwargs, weights)
+        return _factory_spec(target, kwargs, weights, trust)
+    try:
+        if storage.exists(storage.join(spec, CHECKPOINT_CONFIG)):
+            return _checkpoint_spec(spec, trust)
+        fs, path = storage.filesystem(spec)
+        is_file = fs.isfile(path)
+    except (SpecError, FileNotFoundError):
+        raise
+    except Exception as e:  # an unreachable endpoint, a protocol fsspec does not know, ...
+        raise SpecError(f"model spec {spec!r}: cannot be read ({storage.describe_error(e)})") from None
+    if is_file:
+        if _is_torchscript(spec):
+            return ModelSpec(kind="torchscript", source=spec, trust=trust)
+        raise SpecError(f"model spec {spec!r}: a file that is not a TorchScript archive; "
+                        "pass weights as 'module:factory?weights=FILE'")
     raise SpecError(
         f"model spec {spec!r}: not a checkpoint directory (no {CHECKPOINT_CONFIG}), not a TorchScript file, "
         "and not 'package.module:factory'"
@@ -109,10 +188,10 @@ def absolute_spec(spec: str | dict | None) -> str | dict | None:
             return {**spec, "weights": storage.absolute(str(spec["weights"]))}
         return spec
     text = str(spec).strip()
-    if storage.exists(text):
-        return storage.absolute(text)
+    if text.startswith(EXTERNAL_PREFIXES) or not FACTORY_RE.match(text):
+        return storage.absolute(text) if not storage.is_remote(text) and os.path.exists(text) else spec
     target, sep, query = text.partition("?")
-    if not sep or ":" not in target:
+    if not sep:
         return spec
     parts = []
     for part in query.split("&"):
@@ -123,15 +202,22 @@ def absolute_spec(spec: str | dict | None) -> str | dict | None:
     return f"{target}?{'&'.join(parts)}"
 
 
-def _factory_spec(target: str, kwargs: dict, weights: str | None) -> ModelSpec:
-    if target.count(":") != 1:
+def _factory_spec(target: str, kwargs: dict, weights: str | None, trust: tuple[str, ...] = ()) -> ModelSpec:
+    if not FACTORY_RE.match(str(target)) or "?" in str(target):
         raise SpecError(f"model spec {target!r}: expected 'package.module:factory'")
-    if weights is not None and not storage.exists(str(weights)):
-        raise SpecError(f"model spec {target!r}: weights file {weights!r} does not exist")
-    return ModelSpec(kind="factory", source=target, kwargs=kwargs, weights=str(weights) if weights else None)
+    if weights is not None:
+        try:
+            found = storage.exists(str(weights))
+        except Exception as e:
+            raise SpecError(f"model spec {target!r}: weights {weights!r} cannot be read "
+                            f"({storage.describe_error(e)})") from None
+        if not found:
+            raise SpecError(f"model spec {target!r}: weights file {weights!r} does not exist")
+    return ModelSpec(kind="factory", source=target, kwargs=kwargs, weights=str(weights) if weights else None,
+                     trust=trust)
 
 
-def _checkpoint_spec(uri: str) -> ModelSpec:
+def _checkpoint_spec(uri: str, trust: tuple[str, ...] = ()) -> ModelSpec:
     cfg_uri = storage.join(uri, CHECKPOINT_CONFIG)
     try:
         cfg = json.loads(storage.read_bytes(cfg_uri))
@@ -142,14 +228,20 @@ def _checkpoint_spec(uri: str) -> ModelSpec:
     for key in ("model", "num_classes", "modality", "level", "preprocessing"):
         if key not in cfg:
             raise SpecError(f"{cfg_uri}: missing field {key!r}")
+    model = cfg["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("factory"), str) or \
+            not isinstance(model.get("kwargs") or {}, dict):
+        raise SpecError(f"{cfg_uri}: field 'model' must be {{'factory': 'package.module:factory', 'kwargs': {{...}}}}")
+    check_checkpoint_factory(model["factory"], trust, cfg_uri)  # before anything is imported
     weights = storage.join(uri, CHECKPOINT_WEIGHTS)
     if not storage.exists(weights):
         raise SpecError(f"{uri}: checkpoint has no {CHECKPOINT_WEIGHTS}")
-    return ModelSpec(kind="checkpoint", source=uri, kwargs=dict(cfg["model"].get("kwargs") or {}),
-                     weights=weights, config=cfg)
+    return ModelSpec(kind="checkpoint", source=uri, kwargs=dict(model.get("kwargs") or {}),
+                     weights=weights, config=cfg, trust=trust)
 
 
 def resolve_factory(target: str):
+    """The callable behind "module:function" (imports the module: only for trusted targets)."""
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -184,17 +276,22 @@ def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
-    """Instantiate the model of a spec on CPU (eval mode not set)."""
+def build_model(spec: ModelSpec, load_weights: bool = True, seed: int = TEACHER_INIT_SEED) -> nn.Module:
+    """Instantiate the model of a spec on CPU (eval mode not set).
+
+    The initial weights are drawn under ``seed`` (without touching the caller's RNG state):
+    teachers keep the default, so every actor builds the same random teacher; a student passes
+    its --seed, so two seeds give two initialisations and one seed always the same.
+    """
     if spec.kind == "torchscript":
         return torch.jit.load(io.BytesIO(storage.read_bytes(spec.source)), map_location="cpu")
-    target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
+    target = spec.factory
+    if spec.kind == "checkpoint":  # again where the model is built (a worker gets the spec string)
+        check_checkpoint_factory(target, spec.trust, storage.join(spec.source, CHECKPOINT_CONFIG))
     factory = resolve_factory(target)
     try:
-        # Without weights the model is its initialisation: seed it, so every actor (and every
-        # rerun under the same fingerprint) builds the same random teacher.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(int(seed))
             model = factory(**spec.kwargs)
     except TypeError as e:
         raise SpecError(f"model spec {spec.describe()}: {e}") from None
@@ -214,7 +311,7 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
 
     if spec.kind == "torchscript":
         return {"kind": "torchscript", "sha256": file_digest(spec.source)}
-    target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
+    target = spec.factory
     return {
         "kind": "module",
         "factory": target,
@@ -242,8 +339,6 @@ def save_checkpoint(directory: str, model: nn.Module, factory: str, kwargs: dict
     config: modality, level, num_classes, frame_shift_ms, preprocessing, class_names, and any
     training facts (step, epoch, fingerprint of the soft-target cache).
     """
-    import os
-
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)

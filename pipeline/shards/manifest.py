@@ -1,9 +1,10 @@
 """The run manifest (``manifest.json``): what a soft-target run directory holds.
 
 Run-level facts (format version, teacher and fingerprint, modality, level, preprocessing, k,
-classes, frame shift, encoding, software versions) plus one record per input shard.
-Per-shard completion is also written as a small ``_status/<name>.json`` sidecar right after the
-shard's files, so a run killed between two manifest rewrites loses no finished shard.
+classes, frame shift, encoding, software versions), the summaries of the jobs that wrote it,
+and a pointer to the commit log (``pipeline.shards.commitlog``) that lists the committed
+shards. Rewriting it is the commit point: a shard counts once a log segment that the
+manifest lists records it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,17 +21,22 @@ from pipeline.shards.schema import FORMAT_NAME, FORMAT_VERSION, LEVELS
 from pipeline.softtargets import id_dtype
 
 MANIFEST_FILE = "manifest.json"
-STATUS_DIR = "_status"
 SHARDS_DIR = "shards"
 ERRORS_DIR = "errors"
+COMMITS_DIR = "_commits"
+PARTS_DIR = "_parts"
 ENCODINGS = {"parquet": ".parquet", "webdataset": ".tar"}
 MODALITIES = ("audio", "image")
 
 REQUIRED_FIELDS = (
     "format", "format_version", "fingerprint", "teacher", "modality", "level", "preprocessing",
-    "k", "num_classes", "frame_shift_ms", "encoding", "id_dtype", "shards", "software", "created",
+    "k", "num_classes", "frame_shift_ms", "encoding", "id_dtype", "commits", "software", "created",
 )
-SHARD_FIELDS = ("input", "output", "errors", "rows", "error_rows", "sha256", "bytes", "status", "frames")
+RECORD_FIELDS = ("name", "input", "output", "errors", "rows", "error_rows", "frames", "sha256", "bytes",
+                 "errors_sha256", "errors_bytes")
+# A shard name is a file stem (with parent folders joined by "__" where stems collide): never
+# a path, so a record can only point inside its run directory.
+_NAME_RE = re.compile(r"^[^/\\\x00]+$")
 
 
 class FormatError(ValueError):
@@ -66,24 +73,88 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardRecord:
-    """One input shard's entry in the manifest."""
+    """One committed input shard: where its files are and what they hold (a commit-log line)."""
 
-    input: str
+    name: str
+    input: str  # canonical URI of the input shard (storage.canonical_uri)
     output: str  # relative to the run directory, e.g. "shards/shard-0001.parquet"
     errors: str  # relative, e.g. "errors/shard-0001.parquet"
     rows: int
     error_rows: int
+    frames: int  # total frames at frame level (0 otherwise)
     sha256: str  # of the output file's bytes
     bytes: int
-    status: str = "complete"
-    frames: int = 0  # total frames at frame level (0 otherwise)
+    errors_sha256: str
+    errors_bytes: int
+    node: str = ""  # the Ray node that wrote the files
+    committed: str = ""  # ISO time of the commit
+    reasons: dict = field(default_factory=dict)  # error rows by reason
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ShardRecord":
+        """Validated record from a parsed JSON object; FormatError naming ``where``."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: a shard record must be an object, got {type(d).__name__}")
+        missing = [f for f in RECORD_FIELDS if f not in d]
+        if missing:
+            raise FormatError(f"{where}: shard record {d.get('name')!r} is missing field(s) {', '.join(missing)}")
+        name = d["name"]
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("."):
+            raise FormatError(f"{where}: bad shard name {name!r}")
+        for f in ("rows", "error_rows", "frames", "bytes", "errors_bytes"):
+            if not isinstance(d[f], int) or d[f] < 0:
+                raise FormatError(f"{where}: shard {name!r}: {f} must be a non-negative integer, got {d[f]!r}")
+        exts = tuple(ENCODINGS.values())
+        if d["output"] not in tuple(f"{SHARDS_DIR}/{name}{e}" for e in exts):
+            raise FormatError(f"{where}: shard {name!r}: output {d['output']!r} is not {SHARDS_DIR}/{name}.*")
+        if d["errors"] != f"{ERRORS_DIR}/{name}.parquet":
+            raise FormatError(f"{where}: shard {name!r}: errors {d['errors']!r} is not {ERRORS_DIR}/{name}.parquet")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a worker needs to encode or read a shard of a run; small, so it travels with tasks
+    instead of every task opening the manifest."""
+
+    fingerprint: str
+    modality: str
+    level: str
+    k: int
+    num_classes: int
+    encoding: str
+    id_dtype: str
+    frame_shift_ms: float | None
+
+    def key_facts(self) -> dict[str, Any]:
+        """The facts copied into each Parquet shard's schema metadata."""
+        return {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+            "modality": self.modality, "level": self.level, "k": self.k, "num_classes": self.num_classes,
+            "id_dtype": self.id_dtype, "frame_shift_ms": self.frame_shift_ms,
+        }
+
+    def shard_file(self, name: str) -> str:
+        return f"{SHARDS_DIR}/{name}{ENCODINGS[self.encoding]}"
+
+    @staticmethod
+    def errors_file(name: str) -> str:
+        return f"{ERRORS_DIR}/{name}.parquet"
 
 
 @dataclass
 class Manifest:
-    """Everything about a run except the soft targets themselves."""
+    """Everything about a run except the soft targets themselves.
+
+    ``shards`` holds the committed records once the run is opened (read from the commit log,
+    not from manifest.json); ``commits`` is the log pointer written into manifest.json.
+    """
 
     fingerprint: str
     teacher: dict[str, Any]
@@ -96,36 +167,44 @@ class Manifest:
     id_dtype: str
     frame_shift_ms: float | None = None
     class_names: list[str] | None = None
-    shards: dict[str, ShardRecord] = field(default_factory=dict)
+    commits: dict[str, Any] = field(default_factory=lambda: {"index": None, "log": [], "seq": 0})
     software: dict[str, str] = field(default_factory=software_versions)
     created: str = field(default_factory=now_iso)
     updated: str = field(default_factory=now_iso)
     runs: list[dict[str, Any]] = field(default_factory=list)  # one summary per pseudo-label run
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    shards: dict[str, ShardRecord] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["shards"] = {name: asdict(rec) for name, rec in sorted(self.shards.items())}
+        d.pop("shards")
         return json.dumps(d, indent=1, sort_keys=True)
 
+    def facts(self) -> RunFacts:
+        return RunFacts(self.fingerprint, self.modality, self.level, self.k, self.num_classes, self.encoding,
+                        self.id_dtype, self.frame_shift_ms)
+
     def key_facts(self) -> dict[str, Any]:
-        """The facts copied into each Parquet shard's schema metadata."""
-        return {
-            "format": self.format, "format_version": self.format_version, "fingerprint": self.fingerprint,
-            "modality": self.modality, "level": self.level, "k": self.k, "num_classes": self.num_classes,
-            "id_dtype": self.id_dtype, "frame_shift_ms": self.frame_shift_ms,
-        }
+        return self.facts().key_facts()
 
     @property
     def total_rows(self) -> int:
-        return sum(r.rows for r in self.shards.values() if r.status == "complete")
+        return sum(r.rows for r in self.shards.values())
 
 
 def _require(d: dict, fields: tuple[str, ...], where: str) -> None:
     missing = [f for f in fields if f not in d]
     if missing:
         raise FormatError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def _check_commits(c: Any, uri: str) -> None:
+    if not isinstance(c, dict) or not isinstance(c.get("log"), list) or not isinstance(c.get("seq"), int):
+        raise FormatError(f"{uri}: commits must be {{'index': FILE or null, 'log': [FILE, ...], 'seq': N}}")
+    for f in ([c.get("index")] if c.get("index") is not None else []) + c["log"]:
+        if not isinstance(f, str) or not re.fullmatch(rf"{COMMITS_DIR}/[A-Za-z0-9_.-]+\.jsonl", f) or ".." in f:
+            raise FormatError(f"{uri}: commit file {f!r} is not a file under {COMMITS_DIR}/")
 
 
 def parse_manifest(text: str, uri: str) -> Manifest:
@@ -138,11 +217,12 @@ def parse_manifest(text: str, uri: str) -> Manifest:
         raise FormatError(f"{uri}: expected a JSON object, got {type(d).__name__}")
     if d.get("format") != FORMAT_NAME:
         raise FormatError(f"{uri}: not a kdpipe soft-target manifest (format={d.get('format')!r}, expected {FORMAT_NAME!r})")
-    _require(d, REQUIRED_FIELDS, uri)
-    if d["format_version"] != FORMAT_VERSION:
+    if d.get("format_version") != FORMAT_VERSION:
         raise FormatError(
-            f"{uri}: unsupported format_version {d['format_version']!r}; this kdpipe reads version {FORMAT_VERSION}"
+            f"{uri}: unsupported format_version {d.get('format_version')!r}; this kdpipe reads version {FORMAT_VERSION}"
+            + (" (a version 1 run: rerun pseudo_label.py into a new --output)" if d.get("format_version") == 1 else "")
         )
+    _require(d, REQUIRED_FIELDS, uri)
     if d["level"] not in LEVELS:
         raise FormatError(f"{uri}: level {d['level']!r} is not one of {LEVELS}")
     if d["modality"] not in MODALITIES:
@@ -157,48 +237,26 @@ def parse_manifest(text: str, uri: str) -> Manifest:
     if d["id_dtype"] != id_dtype(d["num_classes"]).name:
         raise FormatError(f"{uri}: id_dtype {d['id_dtype']!r} does not fit num_classes={d['num_classes']} "
                           f"(expected {id_dtype(d['num_classes']).name!r})")
-    if not isinstance(d["shards"], dict):
-        raise FormatError(f"{uri}: shards must be an object keyed by shard name, got {type(d['shards']).__name__}")
     if d["level"] == "frame" and not d["frame_shift_ms"]:
         raise FormatError(f"{uri}: frame-level run without frame_shift_ms")
-    shards = {}
-    for name, rec in d["shards"].items():
-        if not isinstance(rec, dict):
-            raise FormatError(f"{uri}: shard {name!r} must be an object, got {type(rec).__name__}")
-        _require(rec, SHARD_FIELDS, f"{uri}: shard {name!r}")
-        shards[name] = ShardRecord(**{k: rec[k] for k in ShardRecord.__dataclass_fields__ if k in rec})
-    d["shards"] = shards
-    known = set(Manifest.__dataclass_fields__)
+    _check_commits(d["commits"], uri)
+    known = set(Manifest.__dataclass_fields__) - {"shards"}
     return Manifest(**{k: v for k, v in d.items() if k in known})
 
 
-def load_manifest(run_uri: str) -> Manifest | None:
-    """The manifest of a run directory merged with its status sidecars; None if absent."""
+def read_manifest(run_uri: str) -> Manifest | None:
+    """manifest.json of a run directory (without its shard records); None if absent."""
     uri = storage.join(run_uri, MANIFEST_FILE)
-    if not storage.exists(uri):
+    try:
+        text = storage.read_bytes(uri)
+    except FileNotFoundError:
         return None
-    manifest = parse_manifest(storage.read_bytes(uri).decode("utf-8"), uri)
-    for status_uri in storage.listdir(storage.join(run_uri, STATUS_DIR)):
-        if not status_uri.endswith(".json"):
-            continue
-        try:
-            rec = json.loads(storage.read_bytes(status_uri))
-            name = rec.pop("name")
-            _require(rec, SHARD_FIELDS, status_uri)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{status_uri}: unreadable shard status ({e!r})") from None
-        if rec.get("fingerprint", manifest.fingerprint) != manifest.fingerprint:
-            continue  # a status left by another fingerprint never counts
-        fields = ShardRecord.__dataclass_fields__
-        manifest.shards.setdefault(name, ShardRecord(**{k: v for k, v in rec.items() if k in fields}))
-    return manifest
+    try:
+        return parse_manifest(text.decode("utf-8"), uri)
+    except UnicodeDecodeError:
+        raise FormatError(f"{uri}: not UTF-8 text") from None
 
 
 def save_manifest(run_uri: str, manifest: Manifest) -> None:
     manifest.updated = now_iso()
     storage.atomic_write_bytes(storage.join(run_uri, MANIFEST_FILE), manifest.to_json().encode("utf-8"))
-
-
-def write_status(run_uri: str, name: str, record: ShardRecord, fingerprint: str) -> None:
-    body = {"name": name, "fingerprint": fingerprint, **asdict(record)}
-    storage.atomic_write_bytes(storage.join(run_uri, STATUS_DIR, f"{name}.json"), json.dumps(body).encode())

@@ -1,234 +1,299 @@
 """A soft-target run directory: the only way kdpipe writes or reads soft targets.
 
-    RUN/manifest.json                  run-level facts + one record per input shard
-    RUN/shards/NAME.parquet|.tar       soft targets of input shard NAME (one per input shard)
-    RUN/errors/NAME.parquet            quarantined keys of that shard: key, input, reason, detail
-    RUN/_status/NAME.json              completion record, written last (crash safety)
+    RUN/manifest.json              run-level facts + the commit-log pointer (the commit point)
+    RUN/_commits/*.jsonl           the commit log: one record per committed shard (commitlog.py)
+    RUN/shards/NAME.parquet|.tar   soft targets of input shard NAME (one file per input shard)
+    RUN/errors/NAME.parquet        quarantined keys of that shard: key, input, reason, detail
+    RUN/_parts/NAME/*.parquet      teacher output parts, written by the actors (transient)
+    RUN/_lease.json                the lease of the one job writing the run (lease.py)
 
-Per shard, the errors file is written first, then the shard, then the status record; each
-write is atomic. A shard counts as complete only once its status record exists.
+Workers write shard files (files.py) and hand small records to the driver; the driver
+(``RunWriter``) commits them. A shard is complete exactly when a committed record names
+it; files no record names (a killed run, a retried task) are never read and are removed by
+the next writer. ``SoftTargetRun`` opens a run in O(1) requests.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.shards import parquet as pq_enc
-from pipeline.shards import wds as wds_enc
-from pipeline.shards.manifest import (
-    ENCODINGS, ERRORS_DIR, MANIFEST_FILE, SHARDS_DIR, FormatError, Manifest, ShardRecord,
-    load_manifest, parse_manifest, save_manifest, write_status,
+from pipeline.inputs import unique_shard_names
+from pipeline.shards import commitlog
+from pipeline.shards.files import (
+    errors_table, iter_shard_tables, read_errors, read_shard_bytes, read_shard_numpy, read_shard_table,
 )
-from pipeline.shards.schema import ERRORS_SCHEMA, softtarget_schema, table_to_numpy
+from pipeline.shards.lease import Lease
+from pipeline.shards.manifest import (
+    COMMITS_DIR, ERRORS_DIR, MANIFEST_FILE, PARTS_DIR, SHARDS_DIR, FormatError, Manifest, ShardRecord,
+    parse_manifest, read_manifest, save_manifest,
+)
+from pipeline.shards.schema import ERRORS_SCHEMA, softtarget_schema
+
+__all__ = ["FingerprintMismatch", "InputPlan", "RunWriter", "SoftTargetRun", "errors_table", "open_run",
+           "verify_records"]
 
 
 class FingerprintMismatch(FormatError):
     """The run directory holds soft targets of a different teacher/preprocessing/k."""
 
 
-def errors_table(rows: list[dict]) -> pa.Table:
-    """Errors rows ({key, input, reason, detail}) -> the errors table."""
-    return pa.Table.from_pylist(
-        [{c: str(r.get(c, "")) for c in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA
-    )
+def open_run(run_uri: str) -> Manifest:
+    """The manifest with ``shards`` filled from the commit log; FormatError if not a run.
+
+    O(1) requests: manifest.json, the index and the few log segments after it."""
+    for attempt in range(3):
+        manifest = read_manifest(run_uri)
+        if manifest is None:
+            raise FormatError(f"{storage.join(run_uri, MANIFEST_FILE)}: no manifest; {run_uri!r} is not a "
+                              "soft-target run")
+        try:
+            manifest.shards = commitlog.load_records(run_uri, manifest.commits)
+            return manifest
+        except FormatError:
+            # A writer may have folded the log into a new index between our two reads.
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
-def encode_errors(rows: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(errors_table(rows), buf, compression="zstd")
-    return buf.getvalue()
+def _listing(run_uri: str, folder: str) -> dict[str, int]:
+    """{relative path: size} of the files directly under RUN/folder."""
+    return {f"{folder}/{storage.basename(u)}": s for u, s in storage.list_sizes(storage.join(run_uri, folder)).items()}
 
 
-def _check_ids(uri: str, table: pa.Table, num_classes: int) -> None:
-    """Class ids and argmax must lie in 0..num_classes-1."""
-    for c in ("ids", "argmax"):
-        col = table.column(c)
-        while pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
-            col = pc.list_flatten(col)
-        if len(col):
-            top = pc.max(col).as_py()
-            if top is not None and top >= num_classes:
-                raise FormatError(f"{uri}: class id {top} in column {c} out of range for num_classes={num_classes}")
+def verify_records(run_uri: str, records: dict[str, ShardRecord], deep: bool = False, threads: int = 8
+                   ) -> dict[str, str]:
+    """{name: problem} for committed shards whose files are missing or damaged.
+
+    Cheap (always): one listing of shards/ and errors/ (a request per 1,000 files on S3) and a
+    size comparison. deep: also read every file and compare its sha256 with the record."""
+    sizes = {**_listing(run_uri, SHARDS_DIR), **_listing(run_uri, ERRORS_DIR)}
+    bad: dict[str, str] = {}
+    for name, rec in records.items():
+        for rel, want in ((rec.output, rec.bytes), (rec.errors, rec.errors_bytes)):
+            got = sizes.get(rel)
+            if got is None:
+                bad[name] = f"{rel} is missing"
+                break
+            if got != want:
+                bad[name] = f"{rel} is {got} bytes, the record says {want}"
+                break
+    if deep:
+        def check(rec: ShardRecord) -> tuple[str, str | None]:
+            for rel, want in ((rec.output, rec.sha256), (rec.errors, rec.errors_sha256)):
+                digest = hashlib.sha256(storage.read_bytes(storage.join(run_uri, rel))).hexdigest()
+                if digest != want:
+                    return rec.name, f"{rel} has sha256 {digest[:16]}..., the record says {want[:16]}..."
+            return rec.name, None
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for name, problem in pool.map(check, [r for n, r in records.items() if n not in bad]):
+                if problem:
+                    bad[name] = problem
+    return bad
+
+
+@dataclass
+class InputPlan:
+    """Input shards matched against a run: names for all, and which are already committed."""
+
+    names: dict[str, str]  # canonical input uri -> shard name
+    done: list  # ShardRefs whose shard is committed (and passed the checks)
+    todo: list  # ShardRefs to compute
+    damaged: dict[str, str]  # shard name -> why it is recomputed
 
 
 class RunWriter:
-    """Writes shards into a run directory and keeps its manifest up to date (thread-safe).
+    """The driver's side of a run directory: the lease, the commit log, cleanup (thread-safe).
 
     If the directory already holds a run, its fingerprint and encoding must match
     ``manifest``'s, else FingerprintMismatch: a run directory never mixes teachers.
+    Raises LeaseHeld when another live job writes the directory.
     """
 
-    def __init__(self, run_uri: str, manifest: Manifest, manifest_interval_s: float = 5.0):
+    def __init__(self, run_uri: str, manifest: Manifest, job: str = "pseudo_label.py", flush_interval_s: float = 1.0):
         self.uri = run_uri
         self._lock = threading.Lock()
-        self._interval = manifest_interval_s
+        self._interval = flush_interval_s
         self._last_save = 0.0
+        self._pending: list[ShardRecord] = []
+        self._reindex = False
+        where = storage.join(run_uri, MANIFEST_FILE)
         # never write a manifest that a reader would refuse
-        parse_manifest(manifest.to_json(), f"{storage.join(run_uri, MANIFEST_FILE)} (new manifest)")
-        existing = load_manifest(run_uri)
-        if existing is not None:
-            where = storage.join(run_uri, MANIFEST_FILE)
-            if existing.fingerprint != manifest.fingerprint:
-                raise FingerprintMismatch(
-                    f"{where}: this directory holds soft targets with fingerprint {existing.fingerprint[:16]}..., "
-                    f"but this run's teacher/preprocessing/k give {manifest.fingerprint[:16]}...; "
-                    "use a new --output (a run directory never mixes teachers)"
-                )
-            if existing.encoding != manifest.encoding:
-                raise FormatError(
-                    f"{where}: this run is encoded as {existing.encoding}, not {manifest.encoding}; "
-                    "use the same --format or a new --output"
-                )
-            self.manifest = existing
-        else:
-            storage.makedirs(run_uri)
-            self.manifest = manifest
-            save_manifest(run_uri, manifest)
+        parse_manifest(manifest.to_json(), f"{where} (new manifest)")
+        self.lease = Lease(run_uri, job)
+        self.lease.acquire()
+        try:
+            existing = read_manifest(run_uri)
+            if existing is not None:
+                if existing.fingerprint != manifest.fingerprint:
+                    raise FingerprintMismatch(
+                        f"{where}: this directory holds soft targets with fingerprint {existing.fingerprint[:16]}..., "
+                        f"but this run's teacher/preprocessing/k give {manifest.fingerprint[:16]}...; "
+                        "use a new --output (a run directory never mixes teachers)")
+                if existing.encoding != manifest.encoding:
+                    raise FormatError(f"{where}: this run is encoded as {existing.encoding}, not {manifest.encoding}; "
+                                      "use the same --format or a new --output")
+                existing.shards = commitlog.load_records(run_uri, existing.commits)
+                self.manifest = existing
+            else:
+                storage.makedirs(run_uri)
+                self.manifest = manifest
+                save_manifest(run_uri, manifest)
+        except BaseException:
+            self.lease.release()
+            raise
 
+    # -- planning -----------------------------------------------------------------------
+    def plan_inputs(self, refs: list, verify: bool = False) -> InputPlan:
+        """Match input shards (canonical URIs) to committed shards, name the new ones, and check
+        the committed files of the matched ones (sizes; sha256 too with ``verify``). Damaged
+        shards are dropped from the log and recomputed."""
+        by_input = {r.input: n for n, r in self.manifest.shards.items()}
+        taken = {n: r.input for n, r in self.manifest.shards.items()}
+        names = unique_shard_names([r.uri for r in refs], taken)
+        matched = {by_input[r.uri]: self.manifest.shards[by_input[r.uri]] for r in refs if r.uri in by_input}
+        damaged = verify_records(self.uri, matched, deep=verify)
+        if damaged:
+            self.drop(list(damaged))
+        done = [r for r in refs if r.uri in by_input and by_input[r.uri] not in damaged]
+        todo = [r for r in refs if r.uri not in by_input or by_input[r.uri] in damaged]
+        return InputPlan(names, done, todo, damaged)
+
+    def cleanup(self) -> int:
+        """Remove what no committed record names: uncommitted shard and errors files, parts,
+        unfinished temp files and stale commit files. Returns the number of files removed."""
+        keep = {r.output for r in self.manifest.shards.values()} | {r.errors for r in self.manifest.shards.values()}
+        keep |= commitlog.live_files(self.manifest.commits)
+        removed = 0
+        for folder in (SHARDS_DIR, ERRORS_DIR, COMMITS_DIR):
+            for rel in _listing(self.uri, folder):
+                if rel not in keep:
+                    storage.remove(storage.join(self.uri, rel))
+                    removed += 1
+        parts = storage.join(self.uri, PARTS_DIR)
+        if storage.exists(parts):
+            removed += len(storage.list_sizes(parts, recursive=True))
+            storage.remove(parts)
+        for rel in _listing(self.uri, "."):  # a killed manifest write (not the live lease's)
+            if storage.basename(rel).startswith(".tmp-manifest"):
+                storage.remove(storage.join(self.uri, storage.basename(rel)))
+                removed += 1
+        return removed
+
+    # -- committing ---------------------------------------------------------------------
     def completed(self) -> set[str]:
-        """Names of shards already complete in this run."""
         with self._lock:
-            return {n for n, r in self.manifest.shards.items() if r.status == "complete"}
+            return set(self.manifest.shards)
 
-    def write_shard(self, name: str, input_uri: str, table: pa.Table, errors: list[dict]) -> ShardRecord:
-        """Encode and atomically write one shard and its errors, then record it complete.
-
-        table: canonical soft-target table (schema from pipeline.shards.schema).
-        errors: rows {key, input, reason, detail} for the shard's quarantined keys.
-        """
-        m = self.manifest
-        out_uri = storage.join(self.uri, SHARDS_DIR, f"{name}{ENCODINGS[m.encoding]}")
-        want = softtarget_schema(m.level, m.k, m.num_classes)
-        got = pa.schema([f.remove_metadata() for f in table.schema])
-        if not got.equals(want):
-            raise FormatError(f"{out_uri}: table columns {got} do not match the manifest's level={m.level} "
-                              f"k={m.k} num_classes={m.num_classes} (expected {want}); nothing written")
-        _check_ids(out_uri, table, m.num_classes)
-        if m.encoding == "parquet":
-            data = pq_enc.encode(table, {**m.key_facts(), "input": input_uri})
-        else:
-            data = wds_enc.encode(table, m.level)
-        out_rel = f"{SHARDS_DIR}/{name}{ENCODINGS[m.encoding]}"
-        err_rel = f"{ERRORS_DIR}/{name}.parquet"
-        storage.atomic_write_bytes(storage.join(self.uri, err_rel), encode_errors(errors))
-        storage.atomic_write_bytes(storage.join(self.uri, out_rel), data)
-        frames = int(pc.sum(table.column("num_frames")).as_py() or 0) if m.level == "frame" else 0
-        rec = ShardRecord(
-            input=input_uri, output=out_rel, errors=err_rel, rows=table.num_rows, error_rows=len(errors),
-            sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), frames=frames,
-        )
-        write_status(self.uri, name, rec, m.fingerprint)
+    def drop(self, names: list[str]) -> None:
+        """Forget committed shards (damaged ones about to be recomputed): the next save writes
+        a new index without them."""
         with self._lock:
-            m.shards[name] = rec
+            for n in names:
+                self.manifest.shards.pop(n, None)
+            self._reindex = True
+        self.flush(force=True)
+
+    def commit(self, rec: ShardRecord) -> None:
+        """Record a shard complete; saved within ``flush_interval_s`` (or at ``flush``)."""
+        with self._lock:
+            self.manifest.shards[rec.name] = rec
+            self._pending.append(rec)
         self.flush(force=False)
-        return rec
 
     def flush(self, force: bool = True, run_summary: dict | None = None) -> None:
-        """Rewrite manifest.json (at most every ``manifest_interval_s`` unless forced)."""
+        """Commit pending records: one log segment (O(records since the last save)), then
+        manifest.json; fold the log into a new index when it has grown as large as the index."""
         with self._lock:
             if run_summary is not None:
                 self.manifest.runs.append(run_summary)
-            if not force and time.monotonic() - self._last_save < self._interval:
+            due = force or time.monotonic() - self._last_save >= self._interval
+            if not due or not (self._pending or self._reindex or run_summary is not None or force):
                 return
+            self.lease.check()
+            m = self.manifest
+            if self._pending:
+                m.commits = commitlog.append_segment(self.uri, m.commits, self._pending)
+                self._pending = []
+            if self._reindex or commitlog.needs_compaction(m.commits):
+                m.commits = commitlog.write_index(self.uri, m.commits, m.shards)
+                self._reindex = False
+            save_manifest(self.uri, m)
             self._last_save = time.monotonic()
-            save_manifest(self.uri, self.manifest)
+
+    def close(self, run_summary: dict | None = None) -> None:
+        """Final save (with the run's summary), one index for the next reader, cleanup of stale
+        commit files and parts, lease released."""
+        try:
+            with self._lock:
+                self._reindex = self._reindex or bool(self.manifest.commits["log"]) or bool(self._pending)
+            self.flush(force=True, run_summary=run_summary)
+            self.cleanup()
+        finally:
+            self.lease.release()
+
+    def abandon(self) -> None:
+        """Give the lease back without committing more (a failed run: what was committed stays)."""
+        try:
+            self.flush(force=True)
+        finally:
+            self.lease.release()
 
 
 class SoftTargetRun:
-    """Read side of a run directory. Validates the manifest on open, each shard on read."""
+    """Read side of a run directory. Validates the manifest on open, each shard on read.
+
+    Opening costs O(1) requests (``open_run``); reading a shard costs the shard's own files."""
 
     def __init__(self, run_uri: str):
         self.uri = run_uri
-        manifest = load_manifest(run_uri)
-        if manifest is None:
-            raise FormatError(f"{storage.join(run_uri, MANIFEST_FILE)}: no manifest; {run_uri!r} is not a soft-target run")
-        self.manifest: Manifest = manifest
-        self.schema = softtarget_schema(manifest.level, manifest.k, manifest.num_classes)
+        self.manifest: Manifest = open_run(run_uri)
+        self.facts = self.manifest.facts()
+        self.schema = softtarget_schema(self.manifest.level, self.manifest.k, self.manifest.num_classes)
 
     @property
     def shard_names(self) -> list[str]:
-        return sorted(n for n, r in self.manifest.shards.items() if r.status == "complete")
+        return sorted(self.manifest.shards)
 
-    def shard_uri(self, name: str) -> str:
-        return storage.join(self.uri, self.manifest.shards[name].output)
-
-    def _record(self, name: str) -> ShardRecord:
+    def record(self, name: str) -> ShardRecord:
         try:
             return self.manifest.shards[name]
         except KeyError:
             raise KeyError(f"{self.uri}: no shard named {name!r} in the manifest") from None
 
+    def shard_uri(self, name: str) -> str:
+        return storage.join(self.uri, self.record(name).output)
+
     def read_bytes(self, name: str, verify: bool = True) -> bytes:
-        rec = self._record(name)
-        uri = storage.join(self.uri, rec.output)
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise FormatError(f"{uri}: shard listed in the manifest is missing") from None
-        if verify:
-            if len(data) != rec.bytes:
-                raise FormatError(f"{uri}: truncated shard ({len(data)} bytes, manifest says {rec.bytes})")
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != rec.sha256:
-                raise FormatError(f"{uri}: checksum mismatch (sha256 {digest[:16]}..., manifest says {rec.sha256[:16]}...)")
-        return data
+        return read_shard_bytes(self.uri, self.record(name), verify)
 
     def iter_tables(self, name: str, batch_rows: int = 4096, verify: bool = True):
         """Stream one shard as canonical tables (schema checked against the manifest)."""
-        m = self.manifest
-        uri = self.shard_uri(name)
-        f = io.BytesIO(self.read_bytes(name, verify=verify))
-        if m.encoding == "parquet":
-            pf, facts = pq_enc.open_file(f, uri, FormatError)
-            self._check_facts(uri, facts, pf.schema_arrow)
-            tables = pq_enc.iter_tables(pf, uri, FormatError, batch_rows)
-        else:
-            tables = wds_enc.iter_tables(f, uri, FormatError, m.level, m.k, m.num_classes, batch_rows)
-        rec = self._record(name)
-        rows = frames = 0
-        for t in tables:
-            _check_ids(uri, t, m.num_classes)
-            rows += t.num_rows
-            if m.level == "frame":
-                frames += int(pc.sum(t.column("num_frames")).as_py() or 0)
-            yield t
-        # A tar cut at a member boundary still parses; the counts in the manifest catch it.
-        if rows != rec.rows or (m.level == "frame" and frames != rec.frames):
-            problem = "truncated shard" if rows < rec.rows or frames < rec.frames else "row count mismatch"
-            raise FormatError(f"{uri}: {problem} ({rows} rows / {frames} frames read, manifest says "
-                              f"{rec.rows} rows / {rec.frames} frames)")
+        return iter_shard_tables(self.uri, self.facts, self.record(name), batch_rows, verify)
 
     def read_table(self, name: str, verify: bool = True) -> pa.Table:
         """One whole shard as a canonical table."""
-        tables = list(self.iter_tables(name, verify=verify))
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+        return read_shard_table(self.uri, self.facts, self.record(name), verify)
 
     def read_numpy(self, name: str, verify: bool = True) -> dict[str, np.ndarray]:
         """One whole shard as numpy columns (see schema.table_to_numpy)."""
-        return table_to_numpy(self.read_table(name, verify), self.manifest.level)
+        return read_shard_numpy(self.uri, self.facts, self.record(name), verify)
 
     def errors(self) -> pa.Table:
         """All quarantined keys of the run: key, input, reason, detail."""
-        tables = []
-        for name in self.shard_names:
-            uri = storage.join(self.uri, self.manifest.shards[name].errors)
-            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+        tables = [read_errors(self.uri, self.record(n)) for n in self.shard_names]
         return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
 
-    def _check_facts(self, uri: str, facts: dict, schema: pa.Schema) -> None:
-        m = self.manifest
-        for name, want in m.key_facts().items():
-            if facts.get(name) != want:
-                raise FormatError(f"{uri}: schema metadata says {name}={facts.get(name)!r}, manifest says {want!r}")
-        got = pa.schema([f.remove_metadata() for f in schema]).remove_metadata()
-        if not got.equals(self.schema.remove_metadata()):
-            raise FormatError(f"{uri}: columns {got} do not match the manifest's level={m.level} k={m.k} "
-                              f"num_classes={m.num_classes} (expected {self.schema.remove_metadata()})")
+    def verify(self, deep: bool = False) -> dict[str, str]:
+        """{name: problem} for shards whose files are missing or damaged (see verify_records)."""
+        return verify_records(self.uri, self.manifest.shards, deep)

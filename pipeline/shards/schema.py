@@ -30,7 +30,7 @@ import pyarrow as pa
 from pipeline.softtargets import TopK, id_dtype
 
 FORMAT_NAME = "kdpipe.softtargets"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LOGPROB_FLOOR = float(np.finfo(np.float16).min)  # -65504.0
 LEVELS = ("utterance", "frame")
 # Per-row value columns (after key / num_frames), in file order.

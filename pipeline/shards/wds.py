@@ -5,19 +5,35 @@ Members of sample ``KEY`` (``.npy``, written with numpy.save):
     KEY.logsumexp.npy () or (T,) float32 KEY.argmax.npy () or (T,) uintN
     KEY.confidence.npy () or (T,) f16    KEY.entropy.npy () or (T,) float16
     KEY.num_frames.npy () int32 (frame level only)
-Keys may not contain '.', since WebDataset splits a member name at the first dot.
-Members are written with mtime 0 and no owner, so equal content gives equal bytes.
+WebDataset splits a member name at the first dot of its basename, so KEY is the sample key
+escaped: '%' -> '%25', '.' -> '%2E', and a leading '/' -> '%2F' (so no member name is absolute
+or has a '..' component); ``urllib.parse.unquote`` gives the key back. Long and non-ASCII names
+use PAX headers. Members are written with mtime 0 and no owner, so equal content gives equal
+bytes.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.inputs import split_member
 from pipeline.shards.schema import VALUE_COLUMNS, _storage_dtypes, table_from_rows
+
+
+def encode_key(key: str) -> str:
+    """A sample key as the stem of its member names (reversible; see the module doc)."""
+    out = key.replace("%", "%25").replace(".", "%2E")
+    return "%2F" + out[1:] if out.startswith("/") else out
+
+
+def decode_key(stem: str) -> str:
+    """The inverse of encode_key."""
+    return unquote(stem)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -39,10 +55,9 @@ def encode(table: pa.Table, level: str) -> bytes:
 
     cols = table_to_numpy(table, level)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, key in enumerate(cols["key"]):
-            if "." in key:
-                raise ValueError(f"key {key!r} contains '.', which WebDataset cannot represent")
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, raw_key in enumerate(cols["key"]):
+            key = encode_key(raw_key)
             if level == "frame":
                 lo, hi = cols["offsets"][i], cols["offsets"][i + 1]
                 _add(tar, f"{key}.num_frames.npy", _npy(np.int32(hi - lo)))
@@ -62,12 +77,10 @@ def _samples(f, uri: str, error_cls):
             for m in tar:
                 if not m.isfile():
                     continue
-                base = m.name.rsplit("/", 1)[-1]
-                prefix = m.name[: len(m.name) - len(base)]
-                if "." not in base:
+                stem, ext = split_member(m.name)
+                if not ext:
                     raise error_cls(f"{uri}: member {m.name!r} has no extension; not a soft-target tar")
-                k, ext = base.split(".", 1)
-                k = prefix + k
+                k = decode_key(stem)
                 if k != key:
                     if key is not None:
                         yield key, sample

@@ -1,9 +1,10 @@
 """Stage 1 of pseudo-labelling, on CPU tasks: input shard -> decoded, length-bucketed rows.
 
-Every row of the stage's output has the ``STAGE_SCHEMA`` columns and one of three kinds:
-a sample (payload = float32 waveform bytes or uint8 image bytes), an error (reason, detail),
-or the shard's end marker (count = rows emitted for the shard before it). The driver uses the
-marker to know when a shard is complete, however the rows were spread over teacher actors.
+Every row of the stage's output has the ``stage_schema`` columns and one of three kinds:
+a sample (payload: the prepared array, pipeline.modalities.payload), an error (reason,
+detail), or the shard's END row (count: rows emitted for the shard before it; key_hash:
+their keys' hash, pipeline.teacher.accounting). The driver checks the teacher actors'
+parts against the END row, however the rows were spread over actors.
 """
 
 from __future__ import annotations
@@ -13,86 +14,89 @@ from typing import Iterator
 import pyarrow as pa
 
 from pipeline.inputs import iter_shard
-from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare, preprocessing_from_dict
+from pipeline.modalities import DEFAULT_LIMITS, DecodeError, DecodeLimits, chunk_key, media_extensions, prepare
+from pipeline.modalities.payload import payload_array, payload_type
+from pipeline.teacher.accounting import key_hash
 
 SAMPLE, ERROR, END = 0, 1, 2
-STAGE_SCHEMA = pa.schema([
-    ("shard", pa.string()),
-    ("key", pa.string()),
-    ("kind", pa.int8()),
-    ("length", pa.int64()),  # samples (audio) or 0 (image)
-    ("payload", pa.large_binary()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("count", pa.int64()),
-])
 
 
-def _table(rows: list[dict]) -> pa.Table:
-    cols = {name: [r.get(name) for r in rows] for name in STAGE_SCHEMA.names}
-    return pa.Table.from_pydict(cols, schema=STAGE_SCHEMA)
+def stage_schema(prep) -> pa.Schema:
+    return pa.schema([
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("kind", pa.int8()),
+        ("length", pa.int64()),  # samples (audio) or 0 (image)
+        ("payload", payload_type(prep)),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("count", pa.int64()),  # END: rows emitted for the shard
+        ("key_hash", pa.uint64()),  # END: hash of their keys
+    ])
 
 
 class DecodeShards:
     """Ray Data UDF: a batch of shard rows (name, uri) -> generator of decoded row tables.
 
     Samples are buffered ``bucket_rows`` at a time and sorted by length, so that the
-    teacher's batches (consecutive rows) need little padding.
+    teacher's batches (consecutive rows) need little padding. Error rows ride along with
+    the next block.
     """
 
-    def __init__(self, preprocessing: dict, bucket_rows: int = 1024, parquet_options: dict | None = None):
-        self.prep = preprocessing_from_dict(preprocessing)
-        self.modality = preprocessing["modality"]
-        self.exts = media_extensions(self.modality)
+    def __init__(self, preprocessing, bucket_rows: int = 1024, parquet_options: dict | None = None,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
+        self.prep = preprocessing
+        self.schema = stage_schema(preprocessing)
+        self.exts = media_extensions(preprocessing.to_dict()["modality"])
         self.bucket_rows = bucket_rows
         self.parquet_options = parquet_options or {}
+        self.limits = limits
+        self.audio = self.schema.field("payload").type == pa.large_list(pa.float32())
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
         for name, uri in zip(batch["name"], batch["uri"]):
             yield from self.shard(str(name), str(uri))
 
+    def _table(self, name: str, samples: list[tuple[str, "object"]], errors: list[tuple[str, DecodeError]],
+               end: tuple[int, int] | None) -> pa.Table:
+        samples.sort(key=lambda s: s[1].shape[0])  # by length: little padding per teacher batch
+        n_s, n_e = len(samples), len(errors)
+        n = n_s + n_e + (end is not None)
+        arrays = [a for _, a in samples]
+        payload = pa.concat_arrays([payload_array(arrays, self.prep), pa.nulls(n - n_s, payload_type(self.prep))])
+        cols = {
+            "shard": pa.array([name] * n, pa.string()),
+            "key": pa.array([k for k, _ in samples] + [k for k, _ in errors] + ([""] if end else []), pa.string()),
+            "kind": pa.array([SAMPLE] * n_s + [ERROR] * n_e + ([END] if end else []), pa.int8()),
+            "length": pa.array([a.shape[0] if self.audio else 0 for a in arrays] + [0] * (n - n_s), pa.int64()),
+            "payload": payload,
+            "reason": pa.array([None] * n_s + [e.reason for _, e in errors] + ([None] if end else []), pa.string()),
+            "detail": pa.array([None] * n_s + [e.detail[:500] for _, e in errors] + ([None] if end else []),
+                               pa.string()),
+            "count": pa.array([0] * (n - 1) + [end[0]] if end else [0] * n, pa.int64()),
+            "key_hash": pa.array([0] * (n - 1) + [end[1]] if end else [0] * n, pa.uint64()),
+        }
+        return pa.table(cols, schema=self.schema)
+
     def shard(self, name: str, uri: str) -> Iterator[pa.Table]:
-        seen: set[str] = set()
-        bucket: list[dict] = []
-        pending: list[dict] = []  # error rows ride along with the next block
-        count = 0
-
-        def flush(final: bool) -> Iterator[pa.Table]:
-            nonlocal bucket, pending, count
-            bucket.sort(key=lambda r: r["length"])
-            rows = pending + bucket
-            count += len(rows)
-            if final:
-                rows.append({"shard": name, "key": "", "kind": END, "length": 0, "count": count})
-            bucket, pending = [], []
-            if rows:
-                yield _table(rows)
-
-        for raw in iter_shard(uri, self.exts, **self.parquet_options):
-            if raw.key in seen:
-                pending.append(self._error(name, raw.key, DecodeError(
-                    "duplicate_key", f"key appears more than once in {uri}; the first occurrence is used")))
-                continue
-            seen.add(raw.key)
+        samples: list[tuple[str, object]] = []
+        errors: list[tuple[str, DecodeError]] = []
+        count, hashed = 0, 0
+        for raw in iter_shard(uri, self.exts, self.limits, **self.parquet_options):
             if raw.error is not None:
-                pending.append(self._error(name, raw.key, raw.error))
+                errors.append((raw.key, raw.error))
                 continue
             try:
-                pieces = prepare(raw.data, self.prep)
+                pieces = prepare(raw.data, self.prep, self.limits)
             except DecodeError as e:
-                pending.append(self._error(name, raw.key, e))
+                errors.append((raw.key, e))
                 continue
-            for bounds, arr in pieces:
-                bucket.append({
-                    "shard": name, "key": chunk_key(raw.key, bounds), "kind": SAMPLE,
-                    "length": int(arr.shape[0]) if self.modality == "audio" else 0,
-                    "payload": arr.tobytes(), "count": 0,
-                })
-            if len(bucket) >= self.bucket_rows:
-                yield from flush(final=False)
-        yield from flush(final=True)
-
-    @staticmethod
-    def _error(shard: str, key: str, err: DecodeError) -> dict:
-        return {"shard": shard, "key": key, "kind": ERROR, "length": 0, "reason": err.reason,
-                "detail": err.detail[:500], "count": 0}
+            samples += [(chunk_key(raw.key, bounds), arr) for bounds, arr in pieces]
+            if len(samples) >= self.bucket_rows:
+                count += len(samples) + len(errors)
+                hashed += key_hash([k for k, _ in samples] + [k for k, _ in errors])
+                yield self._table(name, samples, errors, None)
+                samples, errors = [], []
+        count += len(samples) + len(errors)
+        hashed += key_hash([k for k, _ in samples] + [k for k, _ in errors])
+        yield self._table(name, samples, errors, (count, hashed & ((1 << 64) - 1)))

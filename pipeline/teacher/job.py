@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
-
-import torch
 
 from pipeline import storage
-from pipeline.cli import DECODE_TASK_MEMORY, add_preprocessing_flags, init_ray, resolve_preprocessing
+from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray,
+                          use_gpu)
 from pipeline.config import ConfigError, add_config_flag, parse_args
-from pipeline.fingerprint import fingerprint
-from pipeline.inputs import SHARD_EXTENSIONS, sniff_modality, unique_shard_names
-from pipeline.models.probe import probe_output
-from pipeline.models.spec import SpecError, build_model, describe_model, identity, parse_spec
-from pipeline.shards import FormatError, Manifest, RunWriter
-from pipeline.softtargets import id_dtype
-from pipeline.teacher.collect import Progress, ShardCollector, fmt_duration
+from pipeline.inputs import SHARD_EXTENSIONS, check_parquet_shard
+from pipeline.shards import FormatError, LeaseHeld, RunWriter
+from pipeline.storage import StorageError
+from pipeline.teacher.commit import Progress, ShardTracker, fmt_duration
+from pipeline.teacher.plan import ExecPlan, TeacherPlan, exec_plan, plan_teacher
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -54,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="soft targets per utterance/image or per frame; default: from the teacher's output shape")
     g.add_argument("--frame-shift-ms", type=float, default=None,
                    help="frame-level teachers that do not declare it: output frame shift in ms")
-    g.add_argument("--top-k", type=int, default=10, help="classes kept per sample (or frame)")
+    g.add_argument("--top-k", type=int, default=10, help="classes kept per sample (or frame); at most the classes")
+    add_trust_flag(g)
     add_preprocessing_flags(p)
+    add_limit_flags(p)
     g = p.add_argument_group("execution")
     g.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="soft-target shard encoding")
     g.add_argument("--batch-size", type=int, default=64, help="teacher batch size")
@@ -70,190 +68,165 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-error-rate", type=float, default=0.05,
                    help="exit non-zero when quarantined / (samples + quarantined) exceeds this")
     g.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    g.add_argument("--verify", action="store_true",
+                   help="before skipping complete shards, check their files' sha256 against the commit log (reads "
+                        "every file; sizes are always checked)")
     g.add_argument("--address", default=None,
                    help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
     return p
-
-
-@dataclass
-class TeacherPlan:
-    specs: list
-    teacher: dict
-    modality: str
-    level: str
-    num_classes: int
-    frame_shift_ms: float | None
-    preprocessing: dict
-    class_names: list[str] | None
-
-
-def plan_teacher(args, first_shard: str) -> TeacherPlan:
-    """Resolve --teacher specs, modality, preprocessing, level, classes; all before Ray starts."""
-    specs, described, models = [], [], []
-    for s in args.teacher:
-        try:
-            spec = parse_spec(s)
-            model = build_model(spec)
-        except (SpecError, FileNotFoundError) as e:
-            raise ConfigError(f"--teacher {s}: {e}") from None
-        specs.append(spec)
-        models.append(model)
-        described.append(describe_model(spec, model))
-    modalities = {d["modality"] for d in described if d["modality"]}
-    if len(modalities) > 1:
-        raise ConfigError(f"--teacher: ensemble members disagree on modality: {sorted(modalities)}")
-    modality = args.modality or (modalities.pop() if modalities else None) or sniff_modality(first_shard)
-    if modality is None:
-        raise ConfigError(f"cannot tell the modality of {first_shard}; pass --modality audio|image")
-    preps = [d["preprocessing"] for d in described if d["preprocessing"]]
-    if any(pp != preps[0] for pp in preps[1:]):
-        raise ConfigError("--teacher: ensemble members were trained with different preprocessing; "
-                          "they must see the same input")
-    if preps and preps[0].get("modality") != modality:
-        raise ConfigError(f"--modality {modality}: the teacher was trained on {preps[0].get('modality')} inputs")
-    prep = resolve_preprocessing(modality, preps[0] if preps else None, args)
-    shapes = []
-    for s, model in zip(args.teacher, models):
-        try:
-            out = probe_output(model, prep)
-        except Exception as e:
-            raise ConfigError(f"--teacher {s}: forward pass on a blank {modality} input failed "
-                              f"({type(e).__name__}: {e}); check the preprocessing flags") from None
-        shapes.append(tuple(out.shape))
-    if len({s[-1] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
-        raise ConfigError(f"--teacher: ensemble members disagree on output shape {shapes}")
-    level = "frame" if len(shapes[0]) == 3 else "utterance"
-    if args.level and args.level != level:
-        raise ConfigError(f"--level {args.level}: the teacher outputs {'(B, T, C)' if level == 'frame' else '(B, C)'}, "
-                          f"which is {level} level")
-    num_classes = shapes[0][-1]
-    frame_shift = None
-    if level == "frame":
-        shifts = {d["frame_shift_ms"] for d in described if d["frame_shift_ms"]}
-        if len(shifts) > 1:
-            raise ConfigError(f"--teacher: ensemble members disagree on frame shift {sorted(shifts)}")
-        frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
-        if frame_shift is None:
-            raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
-    if not 1 <= args.top_k:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    names = next((d["class_names"] for d in described if d["class_names"]), None)
-    teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
-               "ensemble": "mean-probability" if len(specs) > 1 else None}
-    return TeacherPlan(list(args.teacher), teacher, modality, level, num_classes, frame_shift, prep, names)
-
-
-def _validate_args(args) -> None:
-    for name in ("batch_size", "bucket_rows"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.actors is not None and args.actors < 1:
-        raise ConfigError("--actors must be >= 1")
-    if args.gpus_per_actor <= 0:
-        raise ConfigError("--gpus-per-actor must be > 0")
-    if not 0 <= args.max_error_rate <= 1:
-        raise ConfigError("--max-error-rate must be between 0 and 1")
 
 
 def run(argv=None) -> int:
     """Entry point of jobs/pseudo_label.py; returns the process exit code."""
     parser = build_parser()
     args = parse_args(parser, argv)
+    early = (ConfigError, FileNotFoundError, FormatError, LeaseHeld, StorageError)
     try:
-        _validate_args(args)
+        ex = exec_plan(args)
         refs = storage.expand_shards(args.input, SHARD_EXTENSIONS)
+        first_parquet = next((r.uri for r in refs if r.uri.endswith(".parquet")), None)
+        if first_parquet:
+            try:
+                check_parquet_shard(first_parquet, args.key_column, args.data_column)
+            except ValueError as e:
+                raise ConfigError(f"--input: {e}") from None
         plan = plan_teacher(args, refs[0].uri)
-    except (ConfigError, FileNotFoundError, FormatError) as e:
+        writer = RunWriter(args.output, plan.manifest(ex.encoding))
+    except early as e:
         parser.error(str(e))
-    names = unique_shard_names([r.uri for r in refs])
-    fp = fingerprint(plan.teacher["identities"], plan.preprocessing, args.top_k, plan.level)
-    k = min(args.top_k, plan.num_classes)
-    manifest = Manifest(
-        fingerprint=fp, teacher=plan.teacher, modality=plan.modality, level=plan.level,
-        preprocessing=plan.preprocessing, k=k, num_classes=plan.num_classes, encoding=args.format,
-        id_dtype=str(id_dtype(plan.num_classes)), frame_shift_ms=plan.frame_shift_ms, class_names=plan.class_names,
-    )
     try:
-        writer = RunWriter(args.output, manifest)
-    except FormatError as e:
+        removed = writer.cleanup()
+        inputs = writer.plan_inputs(refs, verify=ex.verify)
+    except early + (ValueError,) as e:
+        writer.abandon()
         parser.error(str(e))
-    done = writer.completed()
-    todo = [r for r in refs if names[r.uri] not in done]
-    skipped = len(refs) - len(todo)
+    try:
+        return _run(args, ex, plan, refs, writer, inputs, removed)
+    except BaseException:
+        writer.abandon()  # what was committed stays committed; the lease is given back
+        raise
+
+
+def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int) -> int:
+    for r in refs:
+        if len(r.spellings) > 1:
+            print(f"[pseudo-label] warning: input {r.uri} is given {len(r.spellings)} times "
+                  f"({', '.join(r.spellings)}); used once", flush=True)
+    for name, why in sorted(inputs.damaged.items()):
+        print(f"[pseudo-label] shard {name} is damaged ({why}); recomputing it", flush=True)
+    skipped = len(inputs.done)
     print(f"[pseudo-label] {len(refs)} input shard(s), {skipped} already complete in {args.output} "
-          f"(fingerprint {fp[:12]}); teacher {', '.join(plan.teacher['specs'])}; {plan.modality}, {plan.level} level, "
-          f"{plan.num_classes} classes, top-{k}", flush=True)
-    progress = Progress(len(todo), sum(r.size for r in todo), skipped, args.progress_interval)
-    if not todo:
-        print("[pseudo-label] cache hit: every shard is complete for this fingerprint; no teacher batch was run", flush=True)
-        return report(writer, progress, skipped, Counter(), args, cache_hit=True)
-    collector = ShardCollector(writer, {names[r.uri]: (r.uri, r.size) for r in todo}, progress)
-    execute(args, plan, k, [(names[r.uri], r.uri) for r in todo], collector)
-    return report(writer, progress, skipped, collector.error_reasons, args)
+          f"(fingerprint {plan.fingerprint[:12]}{', checksums verified' if ex.verify else ''}); teacher "
+          f"{', '.join(plan.teacher['specs'])}; {plan.modality}, {plan.level} level, {plan.num_classes} classes, "
+          f"top-{plan.k}" + (f"; removed {removed} file(s) no commit names" if removed else ""), flush=True)
+    progress = Progress(len(inputs.todo), sum(r.size for r in inputs.todo), skipped, ex.progress_interval)
+    if not inputs.todo:
+        print("[pseudo-label] cache hit: every shard is complete for this fingerprint; no teacher batch was run",
+              flush=True)
+        return report(writer, progress, skipped, None, args, ex, cache_hit=True)
+    todo = {inputs.names[r.uri]: (r.uri, r.size) for r in inputs.todo}
+    tracker = execute(ex, plan, writer, todo, progress)
+    return report(writer, progress, skipped, tracker, args, ex, damaged=len(inputs.damaged))
 
 
-def execute(args, plan: TeacherPlan, k: int, shards: list[tuple[str, str]], collector: ShardCollector) -> None:
-    """Build the Ray Data pipeline (decode tasks -> teacher actors) and stream it into the collector."""
+def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: dict[str, tuple[str, int]],
+                  use_gpu: bool, actors: int):
+    """The Ray dataset of the run (decode tasks -> teacher actors writing parts) whose rows
+    are PART / END records; built apart from draining it so benches and tests can drain it
+    their own way."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from pipeline.teacher.decode import DecodeShards
     from pipeline.teacher.predictor import TeacherPredictor
 
-    init_ray(args.address)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
-    # --device cuda asks for GPU actors even when no GPU node is up yet (an autoscaling GPU
-    # group starting from zero adds them); auto uses GPUs only if the cluster has some now.
-    use_gpu = args.device == "cuda" or gpus > 0
-    actors = args.actors or (max(1, int(gpus // args.gpus_per_actor)) if gpus else 1)
-    print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if use_gpu else 'CPU (no GPU in the cluster)'}, "
-          f"batch {args.batch_size}, {len(shards)} shard(s) to compute", flush=True)
-    parquet_options = {"key_column": args.key_column, "data_column": args.data_column}
-    ds = ray.data.from_items([{"name": n, "uri": u} for n, u in shards], override_num_blocks=len(shards))
+    items = [{"name": n, "uri": u} for n, (u, _) in shards.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Decode runs as plain CPU tasks, one per shard. Its memory reservation (a bucket of decoded
     # audio) also makes its remote args differ from the teacher's, so Ray Data does not fuse the
     # two into one actor, which would serialise decode and forward instead of overlapping them.
-    ds = ds.map_batches(DecodeShards(plan.preprocessing, args.bucket_rows, parquet_options), batch_size=1, num_cpus=1,
-                        memory=DECODE_TASK_MEMORY)
-    ds = ds.map_batches(
-        TeacherPredictor, batch_size=args.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"specs": plan.specs, "preprocessing": plan.preprocessing, "level": plan.level,
-                               "k": k, "num_classes": plan.num_classes, "precision": args.precision,
+    ds = ds.map_batches(DecodeShards(plan.preprocessing, ex.bucket_rows, ex.parquet_options, ex.limits),
+                        batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)
+    return ds.map_batches(
+        TeacherPredictor, batch_size=ex.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"specs": plan.specs, "trust": plan.trust, "preprocessing": plan.preprocessing,
+                               "facts": facts, "run_uri": run_uri, "precision": ex.precision,
                                "device": "cuda" if use_gpu else "cpu"},
         compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-        num_gpus=args.gpus_per_actor if use_gpu else 0, num_cpus=args.cpus_per_actor,
+        num_gpus=ex.gpus_per_actor if use_gpu else 0, num_cpus=ex.cpus_per_actor,
     )
-    collector.progress.restart()  # throughput counts from here: Ray start-up is reported apart
+
+
+def ray_compactor(run_uri: str, facts):
+    """(compact, wait) for ShardTracker: compaction as Ray tasks spread over the nodes."""
+    import ray
+
+    from pipeline.teacher.compact import compact_shard
+
+    task = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD", max_retries=2)(compact_shard)
+
+    def compact(name, input_uri, parts, expected, expected_hash):
+        return task.remote(run_uri, facts, name, input_uri, parts, expected, expected_hash)
+
+    def wait(refs, timeout):
+        ready, rest = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
+        return [(r, ray.get(r)) for r in ready], rest
+
+    return compact, wait
+
+
+def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str, tuple[str, int]],
+            progress: Progress) -> ShardTracker:
+    """Start Ray, run the pipeline, commit every shard it completes; returns the tracker."""
+    import ray
+    from ray.data import DataContext
+
+    init_ray(ex.address)
+    DataContext.get_current().enable_progress_bars = False
+    gpu = use_gpu(ex.device)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors = ex.actors or (max(1, int(gpus // ex.gpus_per_actor)) if gpus and gpu else 1)
+    print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if gpu else 'CPU (no GPU in the cluster)'}, "
+          f"batch {ex.batch_size}, {len(shards)} shard(s) to compute", flush=True)
+    facts = writer.manifest.facts()
+    ds = build_dataset(ex, plan, writer.uri, facts, shards, gpu, actors)
+    tracker = ShardTracker(writer, shards, progress, *ray_compactor(writer.uri, facts))
+    progress.restart()  # throughput counts from here: Ray start-up is reported apart
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        collector.add(batch)
-        collector.check()
-    collector.finish()
+        tracker.add(batch)
+    tracker.finish()
+    return tracker
 
 
-def report(writer: RunWriter, progress: Progress, skipped: int, reasons: Counter, args, cache_hit: bool = False) -> int:
+def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTracker | None, args, ex: ExecPlan,
+           cache_hit: bool = False, damaged: int = 0) -> int:
     """Print the summary (table + one JSON line), record it in the manifest, return the exit code."""
     m = writer.manifest
     el = progress.elapsed
+    reasons = tracker.error_reasons if tracker else Counter()
+    received = tracker.received_bytes if tracker else 0
     # The exit code judges the whole run directory, so a rerun (or a cache hit) over a run with
     # too many quarantined keys still fails.
     run_rows = sum(r.rows for r in m.shards.values())
     run_errors = sum(r.error_rows for r in m.shards.values())
     rate = run_errors / (run_rows + run_errors) if run_rows + run_errors else 0.0
-    units = progress.frames if m.level == "frame" else progress.samples
     summary = {
         "output": args.output, "fingerprint": m.fingerprint, "cache_hit": cache_hit,
-        "shards_done": progress.shards, "shards_skipped": skipped, "shards_total": len(m.shards),
+        "shards_done": progress.shards, "shards_skipped": skipped, "shards_recomputed_damaged": damaged,
+        "shards_total": len(m.shards),
         "samples": progress.samples, "frames": progress.frames, "errors": progress.errors,
         "errors_by_reason": dict(sorted(reasons.items())), "run_error_rate": round(rate, 6),
-        "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2), "samples_per_s": round(progress.samples / el, 2) if el > 0 else 0.0,
+        "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2),
+        "samples_per_s": round(progress.samples / el, 2) if el > 0 else 0.0,
         "bytes_written": progress.written,
         "bytes_per_sample": round(progress.written / progress.samples, 2) if progress.samples else None,
         "bytes_per_frame": round(progress.written / progress.frames, 2) if progress.frames else None,
-        "max_error_rate": args.max_error_rate, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "driver_bytes_received": received,
+        "driver_bytes_per_sample": round(received / (progress.samples + progress.errors), 4)
+        if progress.samples + progress.errors else None,
+        "max_error_rate": ex.max_error_rate, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    writer.flush(force=True, run_summary=summary)
+    writer.close(run_summary=summary)
     unit = "frame" if m.level == "frame" else "sample"
     print("[pseudo-label] summary")
     print(f"  shards       {progress.shards} done, {skipped} skipped (cached), {len(m.shards)} in the run")
@@ -264,9 +237,11 @@ def report(writer: RunWriter, progress: Progress, skipped: int, reasons: Counter
           f"(+{progress.startup:.1f} s start-up)")
     per = summary["bytes_per_frame"] if m.level == "frame" else summary["bytes_per_sample"]
     print(f"  written      {progress.written:,} bytes" + (f", {per} bytes per {unit}" if per else ""))
+    print(f"  driver       received {received:,} bytes of records"
+          + (f" ({summary['driver_bytes_per_sample']} per sample)" if summary["driver_bytes_per_sample"] else ""))
     print(json.dumps({"summary": summary}), flush=True)
-    if rate > args.max_error_rate:
-        print(f"[pseudo-label] FAILED: error rate {rate:.2%} exceeds --max-error-rate {args.max_error_rate:.2%}; "
+    if rate > ex.max_error_rate:
+        print(f"[pseudo-label] FAILED: error rate {rate:.2%} exceeds --max-error-rate {ex.max_error_rate:.2%}; "
               f"see {storage.join(args.output, 'errors')}", file=sys.stderr, flush=True)
         return 1
     return 0

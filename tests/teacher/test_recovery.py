@@ -38,28 +38,40 @@ def _values(run_dir: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _committed(run_dir) -> dict:
+    """{name: record} committed so far (reading while a writer runs: every file is atomic)."""
+    from pipeline.shards import FormatError, open_run
+
+    try:
+        return open_run(str(run_dir)).shards if (run_dir / "manifest.json").exists() else {}
+    except FormatError:  # the log was folded between two reads: look again next time
+        return {}
+
+
+def _kill_mid_run(argv, out, condition, timeout=240):
+    """Start the job as a subprocess, SIGKILL it (and the Ray it started) once condition(out) holds."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pseudo_label.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition(out):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
+    proc.wait()
+
+
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     waves = audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=21)
     out = tmp_path / "st"
     argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--teacher", SLOW, "--batch-size", "2",
             "--progress-interval", "0.5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pseudo_label.py"), *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    status = out / "_status"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not status.exists() or len(list(status.glob("*.json"))) < 2):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
-    proc.wait()
-    done = {p.stem for p in status.glob("*.json")}
+    _kill_mid_run(argv, out, lambda o: len(_committed(o)) >= 2)
+    done = set(_committed(out))
     assert 2 <= len(done) < 6, "the kill must land mid-run"
     shard_files = {n: (out / "shards" / f"{n}.parquet") for n in done}
     before = {n: p.stat().st_mtime_ns for n, p in shard_files.items()}
-    # No half-written shard is visible: every shard file present is listed complete.
-    assert {p.stem for p in (out / "shards").glob("*.parquet")} == done
 
     rc = run(argv)
     text = capsys.readouterr().out
@@ -69,6 +81,32 @@ def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     assert {n: p.stat().st_mtime_ns for n, p in shard_files.items()} == before  # not recomputed
     keys = _keys(str(out))
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(waves)
+    # Nothing is left that no commit names: shard files are exactly the committed ones, no parts.
+    committed = _committed(out)
+    assert {p.stem for p in (out / "shards").glob("*")} == set(committed) and not (out / "_parts").exists()
+
+
+def test_killed_driver_with_parts_written_recomputes_exactly_the_uncommitted(tmp_path, ray_local, capsys):
+    audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=24)
+    out = tmp_path / "st"
+    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--teacher", SLOW, "--batch-size", "2",
+            "--progress-interval", "0.5"]
+
+    def parts_of_uncommitted(o) -> bool:  # a part of a shard that is not committed yet
+        done = set(_committed(o))
+        return len(done) >= 1 and any(p.parent.name not in done for p in (o / "_parts").glob("*/*.parquet"))
+
+    _kill_mid_run(argv, out, parts_of_uncommitted)
+    done = set(_committed(out))
+    left = {p.parent.name for p in (out / "_parts").glob("*/*.parquet")} - done
+    assert done and left and len(done) < 6
+    before = {n: (out / "shards" / f"{n}.parquet").stat().st_mtime_ns for n in done}
+    rc = run(argv)
+    summary = json.loads([ln for ln in capsys.readouterr().out.splitlines()
+                          if ln.startswith('{"summary"')][-1])["summary"]
+    assert rc == 0 and summary["shards_done"] == 6 - len(done) and summary["shards_skipped"] == len(done)
+    assert {n: (out / "shards" / f"{n}.parquet").stat().st_mtime_ns for n in done} == before
+    assert set(_committed(out)) == {f"shard-{i:04d}" for i in range(6)} and not (out / "_parts").exists()
 
 
 def test_killed_actor_is_restarted_and_result_unchanged(tmp_path, ray_local, capsys):
@@ -79,17 +117,22 @@ def test_killed_actor_is_restarted_and_result_unchanged(tmp_path, ray_local, cap
     killed = []
 
     def killer():
-        status = tmp_path / "killed" / "_status"
+        # Kill the actor while it writes a part: the moment an unfinished part (an atomic
+        # write's temp file) shows up, or failing that right after a part appears.
+        parts = tmp_path / "killed" / "_parts"
         deadline = time.time() + 240
+        seen_parts = 0
         while time.time() < deadline and not killed:
-            if status.exists() and len(list(status.glob("*.json"))) >= 1:
+            tmp = list(parts.glob("*/.tmp-*")) if parts.exists() else []
+            seen_parts = len(list(parts.glob("*/*.parquet"))) if parts.exists() else 0
+            if tmp or seen_parts >= 2:
                 for p in psutil.process_iter(["pid", "cmdline"]):
                     # Ray titles actor processes "ray::MapWorker(MapBatches(TeacherPredictor))..."
                     if "TeacherPredictor" in " ".join(p.info["cmdline"] or []):
                         os.kill(p.info["pid"], signal.SIGKILL)
-                        killed.append(p.info["pid"])
+                        killed.append((p.info["pid"], bool(tmp)))
                         return
-            time.sleep(0.1)
+            time.sleep(0.001)
 
     t = threading.Thread(target=killer)
     t.start()
@@ -99,8 +142,13 @@ def test_killed_actor_is_restarted_and_result_unchanged(tmp_path, ray_local, cap
     assert rc == 0 and killed, "an actor must have been killed mid-run"
     assert run(argv + ["--output", str(tmp_path / "clean")]) == 0
     got, want = _values(str(tmp_path / "killed")), _values(str(tmp_path / "clean"))
-    assert sorted(got) == sorted(want) and len(got) == 24
+    assert sorted(got) == sorted(want) and len(got) == 24  # every key once, none twice
     assert all(np.array_equal(got[k], want[k]) for k in want)
+    # The killed actor's unfinished or unrecorded parts were never read, and are gone.
+    assert not (tmp_path / "killed" / "_parts").exists()
+    for name in SoftTargetRun(str(tmp_path / "killed")).shard_names:  # same bytes as a clean run
+        assert (tmp_path / "killed" / "shards" / f"{name}.parquet").read_bytes() == \
+            (tmp_path / "clean" / "shards" / f"{name}.parquet").read_bytes()
 
 
 def test_s3_in_and_out(tmp_path, ray_local, s3_bucket, capsys):

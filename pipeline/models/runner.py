@@ -1,0 +1,92 @@
+"""The one model runner: payload column -> device batch -> frontend -> model(s) -> logits and
+valid output frames. Teacher actors, evaluation, online distillation and the train loop all
+call models through it, so padding, lengths and precision are handled one way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.models.base import output_lengths
+from pipeline.modalities import make_frontend, preprocessing_from_dict
+from pipeline.modalities.payload import payload_batch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as given, else CUDA when this process sees a GPU, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (its attributes: output_lengths, ...)."""
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class Output:
+    """logits: one (B, C) or (B, T', C) tensor per model (float32); frames: (B,) valid output
+    frames of each row at frame level (from the first model), else None; feat_len: (B,)
+    valid frontend frames (audio) or None."""
+
+    logits: list[torch.Tensor]
+    frames: torch.Tensor | None
+    feat_len: torch.Tensor | None
+
+
+class ModelRunner:
+    """Models + their frontend on one device.
+
+    precision: the autocast dtype on CUDA ("bf16", "fp16", "fp32"); CPU always runs fp32.
+    """
+
+    def __init__(self, models: list[nn.Module], preprocessing, device=None, precision: str = "fp32"):
+        self.device = pick_device(device)
+        self.prep = preprocessing if not isinstance(preprocessing, dict) else preprocessing_from_dict(preprocessing)
+        self.frontend = make_frontend(self.prep).to(self.device)
+        self.models = models
+        self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
+        self.pin = self.device.type == "cuda"
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def to_device(self, payload) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A payload column (pipeline.modalities.payload) -> (x, lengths) on the device.
+
+        audio: x (B, N_max) float32 zero-padded, lengths (B,); image: x (B, H, W, 3) uint8, None.
+        One host copy (pinned on CUDA), then an asynchronous copy to the device."""
+        x, lengths = payload_batch(payload, self.prep, pin=self.pin)
+        x = x.to(self.device, non_blocking=self.pin)
+        return x, (lengths.to(self.device, non_blocking=self.pin) if lengths is not None else None)
+
+    @staticmethod
+    def call(model: nn.Module, feats: torch.Tensor, feat_len: torch.Tensor | None) -> torch.Tensor:
+        """model(feats, lengths) for audio, model(feats) for images (kdpipe's convention)."""
+        return model(feats, feat_len) if feat_len is not None else model(feats)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> Output:
+        """Frontend + every model under the precision policy (gradients as the caller's mode)."""
+        feats, feat_len = self.frontend(x, lengths)
+        with self.autocast():
+            outs = [self.call(m, feats, feat_len).float() for m in self.models]
+        frames = None
+        if outs[0].dim() == 3:
+            in_frames = feats.shape[1]
+            fl = feat_len if feat_len is not None else torch.full((feats.shape[0],), in_frames, device=feats.device)
+            frames = output_lengths(unwrap(self.models[0]), fl, in_frames, outs[0].shape[1])
+        return Output(outs, frames, feat_len)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, lengths: torch.Tensor | None) -> Output:
+        """``forward`` without autograd (teachers, evaluation)."""
+        return self.forward(x, lengths)

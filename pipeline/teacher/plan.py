@@ -1,0 +1,156 @@
+"""The pseudo-label job's typed, frozen plans, resolved from the flags before Ray starts.
+
+``TeacherPlan`` is what the soft targets mean (teachers, modality, level, classes, k,
+preprocessing: everything the fingerprint covers); ``ExecPlan`` is how the job runs (batch
+size, actors, devices, limits). Workers get these, never the argparse namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.cli import limits_from_args, resolve_preprocessing
+from pipeline.config import ConfigError
+from pipeline.fingerprint import fingerprint
+from pipeline.inputs import sniff_modality
+from pipeline.modalities import DecodeLimits, Preprocessing, preprocessing_from_dict
+from pipeline.models.probe import probe_output
+from pipeline.models.spec import SpecError, absolute_spec, build_model, check_trust_modules, describe_model, identity, parse_spec
+from pipeline.shards import Manifest
+from pipeline.softtargets import id_dtype
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What the cache holds. ``specs`` are the user's teacher specs with local paths made
+    absolute; ``trust`` the --trust-module list they are parsed with."""
+
+    specs: tuple[str, ...]
+    trust: tuple[str, ...]
+    modality: str
+    level: str
+    num_classes: int
+    k: int  # effective: min(--top-k, num_classes); the fingerprint covers this value
+    frame_shift_ms: float | None
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...] | None
+    teacher: dict = field(compare=False)  # specs, identities, ensemble rule (manifest "teacher")
+    fingerprint: str = ""
+
+    def manifest(self, encoding: str) -> Manifest:
+        """A new run's manifest for this plan."""
+        return Manifest(
+            fingerprint=self.fingerprint, teacher=self.teacher, modality=self.modality, level=self.level,
+            preprocessing=self.preprocessing.to_dict(), k=self.k, num_classes=self.num_classes, encoding=encoding,
+            id_dtype=str(id_dtype(self.num_classes)), frame_shift_ms=self.frame_shift_ms,
+            class_names=list(self.class_names) if self.class_names else None,
+        )
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    """How the job runs; none of it changes the soft targets."""
+
+    encoding: str
+    batch_size: int
+    bucket_rows: int
+    actors: int | None
+    gpus_per_actor: float
+    cpus_per_actor: float
+    device: str
+    precision: str
+    limits: DecodeLimits
+    key_column: str | None
+    data_column: str | None
+    max_error_rate: float
+    progress_interval: float
+    address: str | None
+    verify: bool
+
+    @property
+    def parquet_options(self) -> dict:
+        return {"key_column": self.key_column, "data_column": self.data_column}
+
+
+def exec_plan(args) -> ExecPlan:
+    """Validated execution settings from the flags."""
+    for name in ("batch_size", "bucket_rows"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.actors is not None and args.actors < 1:
+        raise ConfigError("--actors must be >= 1")
+    if args.gpus_per_actor <= 0:
+        raise ConfigError("--gpus-per-actor must be > 0")
+    if args.cpus_per_actor < 0:
+        raise ConfigError("--cpus-per-actor must be >= 0")
+    if not 0 <= args.max_error_rate <= 1:
+        raise ConfigError("--max-error-rate must be between 0 and 1")
+    if args.progress_interval <= 0:
+        raise ConfigError("--progress-interval must be > 0")
+    return ExecPlan(args.format, args.batch_size, args.bucket_rows, args.actors, args.gpus_per_actor,
+                    args.cpus_per_actor, args.device, args.precision, limits_from_args(args), args.key_column,
+                    args.data_column, args.max_error_rate, args.progress_interval, args.address, args.verify)
+
+
+def plan_teacher(args, first_shard: str) -> TeacherPlan:
+    """Resolve --teacher specs, modality, preprocessing, level, classes, k; all before Ray starts."""
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    try:
+        trust = check_trust_modules(args.trust_module)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    specs, described, models, given = [], [], [], []
+    for s in args.teacher:
+        try:
+            spec = parse_spec(s, trust)
+            model = build_model(spec)
+        except (SpecError, FileNotFoundError) as e:
+            raise ConfigError(f"--teacher {s}: {e}") from None
+        given.append(str(absolute_spec(s)))
+        specs.append(spec)
+        models.append(model)
+        described.append(describe_model(spec, model))
+    modalities = {d["modality"] for d in described if d["modality"]}
+    if len(modalities) > 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on modality: {sorted(modalities)}")
+    modality = args.modality or (modalities.pop() if modalities else None) or sniff_modality(first_shard)
+    if modality is None:
+        raise ConfigError(f"cannot tell the modality of {first_shard}; pass --modality audio|image")
+    preps = [d["preprocessing"] for d in described if d["preprocessing"]]
+    if any(pp != preps[0] for pp in preps[1:]):
+        raise ConfigError("--teacher: ensemble members were trained with different preprocessing; "
+                          "they must see the same input")
+    if preps and preps[0].get("modality") != modality:
+        raise ConfigError(f"--modality {modality}: the teacher was trained on {preps[0].get('modality')} inputs")
+    prep = resolve_preprocessing(modality, preps[0] if preps else None, args)
+    shapes = []
+    for s, model in zip(args.teacher, models):
+        try:
+            out = probe_output(model, prep)
+        except Exception as e:
+            raise ConfigError(f"--teacher {s}: forward pass on a blank {modality} input failed "
+                              f"({type(e).__name__}: {e}); check the preprocessing flags") from None
+        shapes.append(tuple(out.shape))
+    if len({s[-1] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on output shape {shapes}")
+    level = "frame" if len(shapes[0]) == 3 else "utterance"
+    if args.level and args.level != level:
+        raise ConfigError(f"--level {args.level}: the teacher outputs {'(B, T, C)' if level == 'frame' else '(B, C)'}, "
+                          f"which is {level} level")
+    num_classes = shapes[0][-1]
+    frame_shift = None
+    if level == "frame":
+        shifts = {d["frame_shift_ms"] for d in described if d["frame_shift_ms"]}
+        if len(shifts) > 1:
+            raise ConfigError(f"--teacher: ensemble members disagree on frame shift {sorted(shifts)}")
+        frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
+        if frame_shift is None:
+            raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
+    k = min(args.top_k, num_classes)
+    names = next((d["class_names"] for d in described if d["class_names"]), None)
+    teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
+               "ensemble": "mean-probability" if len(specs) > 1 else None}
+    fp = fingerprint(teacher["identities"], prep, k, level)
+    return TeacherPlan(tuple(given), trust, modality, level, num_classes, k, frame_shift,
+                       preprocessing_from_dict(prep), tuple(names) if names else None, teacher, fp)
