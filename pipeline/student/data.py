@@ -1,13 +1,15 @@
 """Training data: input shards paired with their soft-target shards, and labeled shards.
 
-Pairing is per shard and streaming: a CPU task reads one input shard and its soft-target
-shard (found through the run's manifest), decodes the inputs with the run's preprocessing,
-and matches them by key. No global join or shuffle ever happens. Keys are checked: an input
-key with neither soft targets nor an entry in the run's errors table, or a soft-target key
-missing from the input shard, is an error naming the shard and the key.
+Pairing is per shard and streaming: a CPU task gets one input shard and its soft-target
+shard's commit record (the driver read the commit log once; no task opens the manifest),
+reads the soft-target file, decodes the inputs with the run's preprocessing and joins them
+by key with one vectorised ``index_in``. No global join or shuffle ever happens. Keys are
+checked: an input key with neither soft targets nor an entry in the shard's errors table, or
+a soft-target key missing from the input shard, is a PairingError naming the shard and key.
 
-Rows leave the task in ``TRAIN_SCHEMA`` (per-row arrays as raw bytes, so Ray moves them
-without per-element overhead); ``collate`` turns a batch of them into padded tensors.
+Rows leave the task as Arrow columns (``train_schema``): the prepared payload as a list or
+fixed-size-list column, the teacher's top-k columns taken straight from the soft-target
+table. ``collate`` turns a batch of them into padded tensors without per-row Python.
 """
 
 from __future__ import annotations
@@ -18,34 +20,48 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline import storage
-from pipeline.inputs import iter_shard
-from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare, preprocessing_from_dict
-from pipeline.shards import SoftTargetRun
+from pipeline.inputs import iter_shard, split_member
+from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare
+from pipeline.modalities.payload import list_values, pad_rows, payload_array, payload_batch, payload_type
+from pipeline.shards.files import read_errors, read_shard_table
+from pipeline.shards.manifest import RunFacts, ShardRecord
+from pipeline.shards.schema import softtarget_schema
+from pipeline.student.plan import DataPlan
 
 log = logging.getLogger("kdpipe.data")
 PSEUDO, LABELED = 0, 1
-TRAIN_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("src", pa.int8()),  # PSEUDO (has teacher targets) or LABELED
-    ("length", pa.int64()),  # audio samples; 0 for images
-    ("payload", pa.large_binary()),  # float32 waveform or uint8 (H, W, 3) image
-    ("label", pa.int64()),  # utterance label, -1 if none
-    ("flabels", pa.binary()),  # int16 frame labels at the student's frame rate, empty if none
-    ("t_frames", pa.int32()),  # teacher frames (frame level), 0 at utterance level
-    ("t_ids", pa.binary()),  # (k,) or (T, k) ids in the manifest's id dtype
-    ("t_lp", pa.binary()),  # float16 log-probs, same shape
-    ("t_lse", pa.binary()),  # float32 logsumexp, () or (T,)
-    ("t_conf", pa.binary()),  # float16 confidence, () or (T,)
-])
+LP_PAD = -1e4  # log-prob of padded target slots: exp() is 0, and never -inf (no 0 * inf)
 
 
 class PairingError(ValueError):
     """Input and soft-target shards that do not match; names the shard and the key."""
+
+
+def teacher_types(data: DataPlan) -> dict[str, pa.DataType]:
+    """Arrow types of the teacher columns: those of the soft-target schema (so a row's
+    targets are the cache's own arrays, taken by index)."""
+    st = softtarget_schema(data.level, data.stored_k, data.num_classes)
+    return {"t_ids": st.field("ids").type, "t_lp": st.field("logprobs").type,
+            "t_lse": st.field("logsumexp").type, "t_conf": st.field("confidence").type}
+
+
+def train_schema(data: DataPlan) -> pa.Schema:
+    """Columns of a training row; teacher columns are null on labeled rows."""
+    return pa.schema([
+        ("key", pa.string()),
+        ("src", pa.int8()),  # PSEUDO (teacher targets) or LABELED
+        ("payload", payload_type(data.preprocessing)),
+        ("label", pa.int64()),  # utterance label, -1 if none
+        ("flabels", pa.list_(pa.int16())),  # frame labels at the student's frame rate (empty if none)
+        ("t_frames", pa.int32()),  # teacher frames (frame level), 0 otherwise
+        *[(c, t) for c, t in teacher_types(data).items()],
+    ])
 
 
 def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None]:
@@ -58,7 +74,10 @@ def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None]:
             except ValueError:
                 raise DecodeError("bad_label", f".cls member {members['cls'][:20]!r} is not an integer") from None
         if "frames.npy" in members:
-            frames = np.load(io.BytesIO(members["frames.npy"]), allow_pickle=False).astype(np.int16)
+            try:
+                frames = np.load(io.BytesIO(members["frames.npy"]), allow_pickle=False).astype(np.int16).reshape(-1)
+            except ValueError as e:
+                raise DecodeError("bad_label", f".frames.npy member is not an array ({e})") from None
     return label, frames
 
 
@@ -76,218 +95,238 @@ def resample_frame_labels(labels: np.ndarray, label_shift_ms: float, target_shif
     return labels[idx]
 
 
-class ShardRows:
-    """Ray Data UDF (CPU task): shard tasks {kind, name, input} -> TRAIN_SCHEMA row tables.
+def _int16_lists(rows: list[np.ndarray]) -> pa.Array:
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    flat = np.concatenate(rows).astype(np.int16) if rows else np.zeros(0, np.int16)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int16()))
 
-    kind "pseudo": pair input shard ``input`` with soft-target shard ``name`` of ``run_uri``;
-    kind "labeled": decode ``input`` with its labels (.cls / .frames.npy members);
-    kind "raw": decode ``input``, labels where present (online distillation).
+
+class _Block:
+    """Decoded samples waiting to become one output table."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.arrays: list[np.ndarray] = []
+        self.labels: list[int] = []
+        self.flabels: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class ShardRows:
+    """Ray Data UDF (CPU task): shard tasks -> ``train_schema`` tables.
+
+    A task row is {kind, name, input, record}: kind "pseudo" pairs input shard ``input``
+    with the soft-target shard whose commit record (JSON) is ``record``; "labeled" decodes
+    ``input`` with its labels (.cls / .frames.npy members); "raw" decodes it, labels where
+    present (online distillation).
     """
 
-    def __init__(self, preprocessing: dict, run_uri: str | None = None, level: str = "utterance",
-                 label_frame_shift_ms: float = 10.0, student_frame_shift_ms: float | None = None,
-                 parquet_options: dict | None = None, rows_per_block: int = 256):
-        self.prep = preprocessing_from_dict(preprocessing)
-        self.modality = preprocessing["modality"]
-        self.exts = media_extensions(self.modality)
-        self.run_uri = run_uri
-        self.level = level
-        self.label_shift = label_frame_shift_ms
-        self.student_shift = student_frame_shift_ms or label_frame_shift_ms
+    def __init__(self, data: DataPlan, run_uri: str | None = None, facts: RunFacts | None = None,
+                 parquet_options: dict | None = None):
+        self.data = data
+        self.prep = data.preprocessing
+        self.exts = media_extensions(data.modality)
+        self.run_uri, self.facts = run_uri, facts
+        self.schema = train_schema(data)
+        self.types = teacher_types(data)
         self.parquet_options = parquet_options or {}
-        self.rows_per_block = rows_per_block
-        self._run: SoftTargetRun | None = None
+        self.student_shift = data.frame_shift_ms or data.label_frame_shift_ms
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
-        for kind, name, uri in zip(batch["kind"], batch["name"], batch["input"]):
+        for kind, name, uri, rec in zip(batch["kind"], batch["name"], batch["input"], batch["record"]):
             if kind == "pseudo":
-                gen = self.pseudo(str(name), str(uri))
-            else:  # "labeled", or "raw" (decode only: online distillation, evaluation of unlabeled data)
-                gen = self.labeled(str(uri), require_labels=(kind == "labeled"))
-            rows: list[dict] = []
-            for row in gen:
-                rows.append(row)
-                if len(rows) >= self.rows_per_block:
-                    yield pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA)
-                    rows = []
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA)
+                yield from self.pseudo(str(name), str(uri), ShardRecord.from_dict(_json(rec), f"task {name}"))
+            else:  # "labeled", or "raw" (decode only: online distillation)
+                yield from self.labeled(str(uri), require_labels=(kind == "labeled"))
 
-    @property
-    def run(self) -> SoftTargetRun:
-        if self._run is None:
-            self._run = SoftTargetRun(self.run_uri)
-        return self._run
+    # -- rows -----------------------------------------------------------------------------
+    def _table(self, block: _Block, src: int, targets: pa.Table | None = None) -> pa.Table:
+        n = len(block)
+        cols = {
+            "key": pa.array(block.keys, pa.string()),
+            "src": pa.array(np.full(n, src, np.int8)),
+            "payload": payload_array(block.arrays, self.prep),
+            "label": pa.array(np.asarray(block.labels, np.int64)),
+            "flabels": _int16_lists(block.flabels if block.flabels else [np.zeros(0, np.int16)] * n),
+        }
+        if targets is None:
+            cols["t_frames"] = pa.array(np.zeros(n, np.int32))
+            cols.update({c: pa.nulls(n, t) for c, t in self.types.items()})
+        else:
+            cols["t_frames"] = (targets.column("num_frames").cast(pa.int32()) if self.data.level == "frame"
+                                else pa.array(np.zeros(n, np.int32)))
+            for c, src_col in (("t_ids", "ids"), ("t_lp", "logprobs"), ("t_lse", "logsumexp"),
+                               ("t_conf", "confidence")):
+                cols[c] = targets.column(src_col)
+        return pa.table(cols, schema=self.schema)
 
-    def _pieces(self, raw) -> list[tuple[str, np.ndarray, tuple[int, int] | None]]:
-        return [(chunk_key(raw.key, b), arr, b) for b, arr in prepare(raw.data, self.prep)]
-
-    def _frame_labels(self, frames: np.ndarray | None, bounds) -> bytes:
-        if frames is None or self.level != "frame":
-            return b""
+    def _frame_labels(self, frames: np.ndarray | None, bounds) -> np.ndarray:
+        if frames is None or self.data.level != "frame":
+            return np.zeros(0, np.int16)
         if bounds is not None:  # a chunk of a long recording: its slice of the labels
-            per_sample = 1000.0 / self.prep.sample_rate / self.label_shift
+            per_sample = 1000.0 / self.prep.sample_rate / self.data.label_frame_shift_ms
             frames = frames[int(bounds[0] * per_sample): int(np.ceil(bounds[1] * per_sample))]
-        return resample_frame_labels(frames, self.label_shift, self.student_shift).astype(np.int16).tobytes()
+        return resample_frame_labels(frames, self.data.label_frame_shift_ms, self.student_shift).astype(np.int16)
 
-    def labeled(self, uri: str, require_labels: bool = True) -> Iterator[dict]:
-        """Decoded samples with their labels; require_labels=False also takes unlabeled ones."""
-        seen = set()
-        skipped: dict[str, int] = {}
-        for raw in iter_shard(uri, self.exts, **self.parquet_options):
-            if raw.key in seen:
-                skipped["duplicate_key"] = skipped.get("duplicate_key", 0) + 1
+    def _samples(self, uri: str):
+        """(raw sample, pieces or the DecodeError) for every sample of the shard, one rule for
+        duplicates (pipeline.inputs.iter_shard)."""
+        for raw in iter_shard(uri, self.exts, self.data.limits, **self.parquet_options):
+            if raw.error is not None:
+                yield raw, raw.error
                 continue
-            seen.add(raw.key)
             try:
-                if raw.error is not None:
-                    raise raw.error
+                yield raw, prepare(raw.data, self.prep, self.data.limits)
+            except DecodeError as e:
+                yield raw, e
+
+    def labeled(self, uri: str, require_labels: bool = True) -> Iterator[pa.Table]:
+        """Decoded samples with their labels; require_labels=False also takes unlabeled ones."""
+        skipped: dict[str, int] = {}
+        block = _Block()
+        for raw, pieces in self._samples(uri):
+            try:
+                if isinstance(pieces, DecodeError):
+                    raise pieces
                 label, frames = _labels(raw.members)
-                pieces = self._pieces(raw)
             except DecodeError as e:
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
             if require_labels and label < 0 and frames is None:
                 raise PairingError(f"{uri}: labeled sample {raw.key!r} has no .cls or .frames.npy label")
-            for key, arr, bounds in pieces:
-                yield self._row(key, LABELED, arr, label, self._frame_labels(frames, bounds))
+            for bounds, arr in pieces:
+                block.keys.append(chunk_key(raw.key, bounds))
+                block.arrays.append(arr)
+                block.labels.append(label)
+                block.flabels.append(self._frame_labels(frames, bounds))
+            if len(block) >= self.data.rows_per_block:
+                yield self._table(block, LABELED)
+                block = _Block()
+        if len(block):
+            yield self._table(block, LABELED)
         if skipped:  # unusable labeled samples are skipped, and said so (they reach the job's log)
             log.warning(f"{uri}: skipped {sum(skipped.values())} unusable sample(s): {skipped}")
 
-    def pseudo(self, name: str, uri: str) -> Iterator[dict]:
-        cols = self.run.read_numpy(name)
-        rec = self.run.manifest.shards[name]
-        err_keys = set(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.run.uri, rec.errors))),
-                                     columns=["key"]).column("key").to_pylist())
-        index = {k: i for i, k in enumerate(cols["key"])}
-        matched: set[str] = set()
-        seen = set()
-        for raw in iter_shard(uri, self.exts, **self.parquet_options):
-            if raw.key in seen:
-                continue  # duplicates were quarantined by the teacher run
-            seen.add(raw.key)
-            if raw.error is not None:
-                if raw.key in index:
-                    raise PairingError(f"shard {name}: key {raw.key!r} has soft targets but cannot be read from {uri} "
-                                       f"now ({raw.error})")
-                continue
-            try:
-                pieces = self._pieces(raw)
-            except DecodeError as e:
-                if raw.key in err_keys:
-                    continue
-                raise PairingError(f"shard {name}: key {raw.key!r} in {uri} does not decode ({e}) "
-                                   "but the teacher run had no error for it") from None
-            for key, arr, bounds in pieces:
-                i = index.get(key)
-                if i is None:
-                    if key in err_keys or raw.key in err_keys:
-                        continue
-                    raise PairingError(f"shard {name}: input key {key!r} from {uri} has no soft target and is not in "
-                                       f"the run's errors table; was {uri} changed after pseudo-labelling?")
-                matched.add(key)
-                # Rows of the pool carry no labels even where the shard has them: labeled data
-                # comes in through --labeled, at its own ratio, so nothing leaks in by accident.
-                yield self._row(key, PSEUDO, arr, -1, b"", cols, i)
-        if len(matched) != len(index):
-            missing = sorted(set(index) - matched)
-            raise PairingError(f"shard {name}: {len(missing)} soft-target key(s) not found in input shard "
-                               f"{uri}, e.g. {missing[:3]}")
+    def pseudo(self, name: str, uri: str, rec: ShardRecord) -> Iterator[pa.Table]:
+        targets = read_shard_table(self.run_uri, self.facts, rec)
+        err_keys = set(read_errors(self.run_uri, rec).column("key").to_pylist())
+        st_keys = targets.column("key")
+        matched = np.zeros(targets.num_rows, dtype=bool)
+        block = _Block()
 
-    def _row(self, key, src, arr, label, flabels, cols=None, i=None) -> dict:
-        row = {"key": key, "src": src, "length": int(arr.shape[0]) if self.modality == "audio" else 0,
-               "payload": arr.tobytes(), "label": int(label), "flabels": flabels, "t_frames": 0,
-               "t_ids": b"", "t_lp": b"", "t_lse": b"", "t_conf": b""}
-        if cols is not None:
-            if self.level == "frame":
-                lo, hi = int(cols["offsets"][i]), int(cols["offsets"][i + 1])
-                sl = slice(lo, hi)
-                row["t_frames"] = hi - lo
-            else:
-                sl = i
-            row["t_ids"] = np.ascontiguousarray(cols["ids"][sl]).tobytes()
-            row["t_lp"] = np.ascontiguousarray(cols["logprobs"][sl]).tobytes()
-            row["t_lse"] = np.ascontiguousarray(cols["logsumexp"][sl]).tobytes()
-            row["t_conf"] = np.ascontiguousarray(cols["confidence"][sl]).tobytes()
-        return row
+        def flush() -> pa.Table:
+            idx = pc.index_in(pa.array(block.keys, pa.string()), value_set=st_keys)  # one vectorised join
+            missing = idx.is_null().to_numpy(zero_copy_only=False)
+            for i in np.nonzero(missing)[0]:
+                if block.keys[i] not in err_keys:
+                    raise PairingError(f"shard {name}: input key {block.keys[i]!r} from {uri} has no soft target and "
+                                       f"is not in the run's errors table; was {uri} changed after pseudo-labelling?")
+            keep = np.nonzero(~missing)[0]
+            take = idx.to_numpy(zero_copy_only=False)[keep].astype(np.int64) if len(keep) else np.zeros(0, np.int64)
+            matched[take] = True
+            sub = _Block()
+            sub.keys = [block.keys[i] for i in keep]
+            sub.arrays = [block.arrays[i] for i in keep]
+            # Rows of the pool carry no labels even where the shard has them: labeled data
+            # comes in through --labeled, at its own ratio, so nothing leaks in by accident.
+            sub.labels = [-1] * len(keep)
+            return self._table(sub, PSEUDO, targets.take(pa.array(take)))
+
+        for raw, pieces in self._samples(uri):
+            if isinstance(pieces, DecodeError):
+                if raw.member_error or raw.key in err_keys:
+                    continue  # the teacher run quarantined the same, by the same rule
+                raise PairingError(f"shard {name}: key {raw.key!r} in {uri} does not decode now ({pieces}) but the "
+                                   "teacher run had no error for it")
+            for bounds, arr in pieces:
+                block.keys.append(chunk_key(raw.key, bounds))
+                block.arrays.append(arr)
+            if len(block) >= self.data.rows_per_block:
+                yield flush()
+                block = _Block()
+        if len(block):
+            yield flush()
+        if not matched.all():
+            missing = st_keys.take(pa.array(np.nonzero(~matched)[0])).to_pylist()
+            raise PairingError(f"shard {name}: {len(missing)} soft-target key(s) not found in input shard {uri}, "
+                               f"e.g. {missing[:3]}")
 
 
-def collate(batch: dict[str, np.ndarray], *, modality: str, level: str, k: int, id_dtype: str,
-            crop: int | None = None) -> dict[str, torch.Tensor]:
-    """A numpy batch of TRAIN_SCHEMA rows -> padded tensors.
+def _json(text) -> dict:
+    import json
+
+    return json.loads(str(text))
+
+
+def _fixed_values(col, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed_size_list column (nulls allowed) -> ((B, width) values, (B,) valid)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    values = arr.values.slice(arr.offset * width, len(arr) * width).to_numpy(zero_copy_only=False)
+    valid = ~arr.is_null().to_numpy(zero_copy_only=False)
+    return values.reshape(len(arr), width), valid
+
+
+def collate(batch: pa.Table, data: DataPlan, pin: bool = False) -> dict[str, torch.Tensor]:
+    """An Arrow batch of ``train_schema`` rows -> padded tensors (vectorised, no per-row Python).
 
     x: audio (B, N) float32 zero-padded with lengths (B,); image (B, H, W, 3) uint8.
-    label (B,) long, -1 = none; flabels (B, F) long, -1 padded.
-    Utterance: t_ids (B, k) long, t_lp (B, k), t_lse (B,), t_conf (B,); rows without teacher
-    targets have has_t False. Frame: t_ids (B, T, k), t_lp (B, T, k), t_lse / t_conf (B, T),
-    t_frames (B,) valid teacher frames.
+    label (B,) long, -1 = none; flabels (B, F) long, -1 padded; src (B,); has_t (B,) bool.
+    Utterance: t_ids (B, k) long, t_lp (B, k), t_lse (B,), t_conf (B,).
+    Frame: t_ids (B, T, k), t_lp (B, T, k), t_lse / t_conf (B, T), t_frames (B,) valid frames.
+    Rows without teacher targets have has_t False, ids 0 and log-probs LP_PAD.
     """
-    n = len(batch["key"])
+    n, k = batch.num_rows, data.stored_k
     out: dict[str, torch.Tensor] = {}
-    if modality == "audio":
-        lengths = batch["length"].astype(np.int64)
-        width = int(lengths.max()) if n else 0
-        if n and (lengths == width).all():  # cropped clips: one join, no per-row copies
-            x = np.frombuffer(b"".join(batch["payload"]), dtype=np.float32).reshape(n, width).copy()
-        else:
-            x = np.zeros((n, width), dtype=np.float32)
-            for i, b in enumerate(batch["payload"]):
-                w = np.frombuffer(b, dtype=np.float32)
-                x[i, : w.shape[0]] = w
-        out["x"], out["lengths"] = torch.from_numpy(x), torch.from_numpy(lengths)
-    else:
-        x = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(crop, crop, 3) for b in batch["payload"]]) if n else \
-            np.zeros((0, crop, crop, 3), np.uint8)
-        out["x"] = torch.from_numpy(x)
-    out["src"] = torch.from_numpy(batch["src"].astype(np.int64))
-    out["label"] = torch.from_numpy(batch["label"].astype(np.int64))
-    flab = [np.frombuffer(b, dtype=np.int16) for b in batch["flabels"]]
-    width = max((f.shape[0] for f in flab), default=0)
-    fl = np.full((n, width), -1, dtype=np.int64)
-    for i, f in enumerate(flab):
-        fl[i, : f.shape[0]] = f
-    out["flabels"] = torch.from_numpy(fl)
-    has_t = np.array([len(b) > 0 for b in batch["t_ids"]], dtype=bool)
+    x, lengths = payload_batch(batch.column("payload"), data.preprocessing, pin=pin)
+    out["x"] = x
+    if lengths is not None:
+        out["lengths"] = lengths
+    out["src"] = torch.from_numpy(batch.column("src").to_numpy().astype(np.int64))
+    out["label"] = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64))
+    flat, offsets = list_values(batch.column("flabels"))
+    out["flabels"] = torch.from_numpy(pad_rows(flat.to_numpy(zero_copy_only=False).astype(np.int64), offsets, fill=-1))
+    t_ids = batch.column("t_ids")
+    has_t = ~(t_ids.is_null().to_numpy(zero_copy_only=False)) if n else np.zeros(0, bool)
     out["has_t"] = torch.from_numpy(has_t)
-    idt = np.dtype(id_dtype)
-    if level == "frame":
-        frames = batch["t_frames"].astype(np.int64)
-        T = int(frames.max()) if n else 0
-        ids = np.zeros((n, T, k), np.int64)
-        lp = np.full((n, T, k), -1e4, np.float32)
-        lse = np.zeros((n, T), np.float32)
-        conf = np.zeros((n, T), np.float32)
-        for i in np.nonzero(has_t)[0]:
-            t = frames[i]
-            ids[i, :t] = np.frombuffer(batch["t_ids"][i], idt).reshape(t, k)
-            lp[i, :t] = np.frombuffer(batch["t_lp"][i], np.float16).reshape(t, k)
-            lse[i, :t] = np.frombuffer(batch["t_lse"][i], np.float32)
-            conf[i, :t] = np.frombuffer(batch["t_conf"][i], np.float16)
-        out["t_frames"] = torch.from_numpy(frames)
+    if data.level == "frame":
+        def frames_of(col, fill, dtype):
+            flat, offs = list_values(col)
+            if pa.types.is_fixed_size_list(flat.type):
+                vals = flat.values.slice(flat.offset * k, len(flat) * k).to_numpy(zero_copy_only=False).reshape(-1, k)
+            else:
+                vals = flat.to_numpy(zero_copy_only=False)
+            return torch.from_numpy(pad_rows(vals.astype(dtype), offs, fill=fill))
+
+        out["t_ids"] = frames_of(t_ids, 0, np.int64)
+        out["t_lp"] = frames_of(batch.column("t_lp"), LP_PAD, np.float32)
+        out["t_lse"] = frames_of(batch.column("t_lse"), 0.0, np.float32)
+        out["t_conf"] = frames_of(batch.column("t_conf"), 0.0, np.float32)
+        out["t_frames"] = torch.from_numpy(batch.column("t_frames").to_numpy().astype(np.int64))
     else:
-        ids = np.zeros((n, k), np.int64)
-        lp = np.full((n, k), -1e4, np.float32)
-        lse = np.zeros(n, np.float32)
-        conf = np.zeros(n, np.float32)
-        sel = np.nonzero(has_t)[0]
-        if len(sel):  # fixed-size rows: one join per column instead of a loop over rows
-            ids[sel] = np.frombuffer(b"".join(batch["t_ids"][sel]), idt).reshape(-1, k)
-            lp[sel] = np.frombuffer(b"".join(batch["t_lp"][sel]), np.float16).reshape(-1, k)
-            lse[sel] = np.frombuffer(b"".join(batch["t_lse"][sel]), np.float32)
-            conf[sel] = np.frombuffer(b"".join(batch["t_conf"][sel]), np.float16)
-    out["t_ids"], out["t_lp"] = torch.from_numpy(ids), torch.from_numpy(lp)
-    out["t_lse"], out["t_conf"] = torch.from_numpy(lse), torch.from_numpy(conf)
+        ids, _ = _fixed_values(t_ids, k)
+        lp, _ = _fixed_values(batch.column("t_lp"), k)
+        ids = np.where(has_t[:, None], ids, 0).astype(np.int64)
+        lp = np.where(has_t[:, None], lp.astype(np.float32), LP_PAD).astype(np.float32)
+        out["t_ids"], out["t_lp"] = torch.from_numpy(ids), torch.from_numpy(lp)
+        for c in ("t_lse", "t_conf"):
+            vals = pc.fill_null(batch.column(c), 0).to_numpy().astype(np.float32) if n else np.zeros(0, np.float32)
+            out[c] = torch.from_numpy(vals)
+    if pin:
+        out = {c: (v if v.is_pinned() else v.pin_memory()) for c, v in out.items()}
     return out
 
 
-class Collate(NumpyBatchCollateFn):
-    """``collate`` as the callable class Ray's iter_torch_batches(collate_fn=...) expects."""
+class Collate(ArrowBatchCollateFn):
+    """``collate`` as the callable Ray's iter_torch_batches(collate_fn=...) takes (Arrow batches)."""
 
-    def __init__(self, **options):
-        self.options = options
+    def __init__(self, data: DataPlan, pin: bool = False):
+        self.data, self.pin = data, pin
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate(batch, **self.options)
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        return collate(batch, self.data, self.pin)
 
 
 def count_samples(uri: str) -> int:
@@ -297,12 +336,10 @@ def count_samples(uri: str) -> int:
             return pq.ParquetFile(f).metadata.num_rows
     import tarfile
 
-    from pipeline.inputs import _split_member
-
     keys, last = 0, None
     with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for m in tar:
-            key = _split_member(m.name)[0]
+            key = split_member(m.name)[0]
             if key != last:
                 keys, last = keys + 1, key
     return keys

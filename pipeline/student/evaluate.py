@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline import storage
-from pipeline.cli import DECODE_TASK_MEMORY, init_ray
+from pipeline.cli import DECODE_TASK_MEMORY, add_limit_flags, add_trust_flag, init_ray, limits_from_args, use_gpu
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
-from pipeline.models.base import output_lengths
-from pipeline.models.spec import SpecError, parse_spec
+from pipeline.modalities import preprocessing_from_dict
+from pipeline.models.spec import SpecError, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.shards.manifest import MANIFEST_FILE
-from pipeline.softtargets import id_dtype
+from pipeline.storage import StorageError
 from pipeline.student.data import collate
 from pipeline.student.losses import kd_kl
+from pipeline.student.metrics import accuracy_counts, target_positions
+from pipeline.student.plan import DataPlan
 
 STAT_NAMES = ("correct", "total", "agree", "kl_sum", "t_total")
 
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint directory (train_student.py's OUTPUT/final or a Ray checkpoint), local or s3://")
+    add_trust_flag(p)
     p.add_argument("--input", required=True, nargs="+", metavar="URI",
                    help="labeled shards (.cls / .frames.npy members), or one soft-target run directory")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the result JSON here (local or s3://)")
@@ -47,54 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when the cluster has one")
     p.add_argument("--address", default=None, help="Ray cluster address; default: $RAY_ADDRESS, else embedded local Ray")
+    add_limit_flags(p)
     return p
 
 
 class EvalPredictor:
-    """Ray Data actor: a batch of TRAIN_SCHEMA rows -> one row of summed statistics."""
+    """Ray Data actor: a batch of training rows (Arrow) -> one row of summed statistics."""
 
-    def __init__(self, checkpoint: str, cfg: dict, device: str):
+    def __init__(self, checkpoint: str, trust: tuple, data: DataPlan, device: str):
+        from pipeline.models.runner import ModelRunner
         from pipeline.models.spec import build_model
-        from pipeline.modalities import make_frontend, preprocessing_from_dict
 
-        self.device = torch.device(device)
-        self.model = build_model(parse_spec(checkpoint)).to(self.device).eval()
-        self.frontend = make_frontend(preprocessing_from_dict(cfg["preprocessing"])).to(self.device)
-        self.cfg = cfg
+        runner = ModelRunner([], data.preprocessing, device)
+        runner.models = [build_model(parse_spec(checkpoint, trust)).to(runner.device).eval()]
+        self.runner, self.data = runner, data
 
-    @torch.inference_mode()
-    def __call__(self, batch: dict) -> dict:
-        cfg = self.cfg
-        b = collate(batch, modality=cfg["modality"], level=cfg["level"], k=cfg["k"], id_dtype=cfg["id_dtype"],
-                    crop=cfg["preprocessing"].get("crop"))
-        b = {k: v.to(self.device) for k, v in b.items()}
-        x, feat_len = self.frontend(b["x"], b.get("lengths"))
-        logits = (self.model(x, feat_len) if feat_len is not None else self.model(x)).float()
+    def __call__(self, batch: pa.Table) -> dict:
+        data = self.data
+        b = {k: v.to(self.runner.device) for k, v in collate(batch, data).items()}
+        out = self.runner.predict(b["x"], b.get("lengths"))
+        logits, frames = out.logits[0], out.frames
         stats = dict.fromkeys(STAT_NAMES, 0.0)
-        pred = logits.argmax(-1)
-        if cfg["level"] == "frame":
-            S = logits.shape[1]
-            s_len = output_lengths(self.model, feat_len, x.shape[1], S)
-            F_ = min(S, b["flabels"].shape[1])
-            lab = b["flabels"][:, :F_]
-            valid = (lab >= 0) & (torch.arange(F_, device=self.device) < s_len.unsqueeze(1))
-            stats["correct"] = float(((pred[:, :F_] == lab) & valid).sum())
-            stats["total"] = float(valid.sum())
-            T = min(S, b["t_ids"].shape[1])
-            tv = (torch.arange(T, device=self.device) < torch.minimum(s_len, b["t_frames"]).unsqueeze(1))
-            tv = tv & b["has_t"].unsqueeze(1)
-            if T:
-                stats["agree"] = float(((pred[:, :T] == b["t_ids"][:, :T, 0]) & tv).sum())
-                stats["kl_sum"] = float((kd_kl(logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
-            stats["t_total"] = float(tv.sum())
-        else:
-            valid = b["label"] >= 0
-            stats["correct"] = float(((pred == b["label"]) & valid).sum())
-            stats["total"] = float(valid.sum())
-            tv = b["has_t"]
-            stats["agree"] = float(((pred == b["t_ids"][:, 0]) & tv).sum())
+        stats["correct"], stats["total"] = accuracy_counts(logits, frames, b["flabels"] if data.level == "frame"
+                                                           else b["label"])
+        T, tv = target_positions(logits, frames, b)
+        if T is None:
+            stats["agree"] = float(((logits.argmax(-1) == b["t_ids"][:, 0]) & tv).sum())
             stats["kl_sum"] = float((kd_kl(logits, b["t_ids"], b["t_lp"]) * tv).sum())
-            stats["t_total"] = float(tv.sum())
+        elif T:
+            stats["agree"] = float(((logits[:, :T].argmax(-1) == b["t_ids"][:, :T, 0]) & tv).sum())
+            stats["kl_sum"] = float((kd_kl(logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
+        stats["t_total"] = float(tv.sum())
         return {k: np.array([v]) for k, v in stats.items()}
 
 
@@ -103,7 +92,8 @@ def run(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
-        spec = parse_spec(args.checkpoint)
+        trust = check_trust_modules(args.trust_module)
+        spec = parse_spec(args.checkpoint, trust)
         if spec.kind != "checkpoint":
             raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
         ck = spec.config
@@ -114,17 +104,33 @@ def run(argv=None) -> int:
             if m.num_classes != ck["num_classes"] or m.level != ck["level"]:
                 raise ConfigError(f"--input {args.input[0]}: {m.level}-level run with {m.num_classes} classes does not "
                                   f"match the checkpoint ({ck['level']}, {ck['num_classes']} classes)")
-            tasks = [{"kind": "pseudo", "name": n, "input": m.shards[n].input} for n in soft_run.shard_names]
+            damaged = soft_run.verify()
+            if damaged:
+                name, why = sorted(damaged.items())[0]
+                raise ConfigError(f"--input {args.input[0]}: {len(damaged)} shard(s) damaged, e.g. {name}: {why}")
+            tasks = [{"kind": "pseudo", "name": n, "input": m.shards[n].input,
+                      "record": json.dumps(asdict(m.shards[n]))} for n in soft_run.shard_names]
         else:
-            tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri}
+            tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri, "record": ""}
                      for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)]
-    except (SpecError, ConfigError, FormatError, FileNotFoundError) as e:
+        data = DataPlan(modality=ck["modality"], level=ck["level"],
+                        preprocessing=preprocessing_from_dict(ck["preprocessing"]), num_classes=ck["num_classes"],
+                        stored_k=soft_run.manifest.k if soft_run else 1,
+                        label_frame_shift_ms=args.label_frame_shift_ms, frame_shift_ms=ck.get("frame_shift_ms"),
+                        limits=limits_from_args(args))
+    except (SpecError, ConfigError, FormatError, FileNotFoundError, StorageError) as e:
         parser.error(str(e))
-    cfg = {"modality": ck["modality"], "level": ck["level"], "preprocessing": ck["preprocessing"],
-           "k": soft_run.manifest.k if soft_run else 1,
-           "id_dtype": soft_run.manifest.id_dtype if soft_run else str(id_dtype(ck["num_classes"]))}
     t0 = time.monotonic()
-    totals = evaluate(args, cfg, tasks, soft_run.uri if soft_run else None, ck.get("frame_shift_ms"))
+    try:
+        totals = evaluate(args, trust, data, tasks, soft_run)
+    except Exception as e:
+        from pipeline.student.train import data_error
+
+        message = data_error(e)
+        if message is None:
+            raise
+        print(f"[evaluate] error: {message}", file=sys.stderr, flush=True)
+        return 1
     unit = "frames" if ck["level"] == "frame" else "samples"
     result = {"checkpoint": args.checkpoint, "input": args.input, "mode": "softtargets" if soft_run else "labeled",
               "level": ck["level"], unit: int(totals["total"] or totals["t_total"]),
@@ -147,7 +153,7 @@ def run(argv=None) -> int:
     return 0
 
 
-def evaluate(args, cfg: dict, tasks: list[dict], run_uri: str | None, frame_shift_ms: float | None) -> dict:
+def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: SoftTargetRun | None) -> dict:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -155,14 +161,14 @@ def evaluate(args, cfg: dict, tasks: list[dict], run_uri: str | None, frame_shif
 
     init_ray(args.address)
     DataContext.get_current().enable_progress_bars = False
-    use_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    rows = ShardRows(cfg["preprocessing"], run_uri, cfg["level"], args.label_frame_shift_ms, frame_shift_ms)
+    gpu = use_gpu(args.device)
+    rows = ShardRows(data, soft_run.uri if soft_run else None, soft_run.facts if soft_run else None)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
-    ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size,
-                        fn_constructor_kwargs={"checkpoint": args.checkpoint, "cfg": cfg,
-                                               "device": "cuda" if use_gpu else "cpu"},
-                        compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if use_gpu else 0)
+    ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size, batch_format="pyarrow",
+                        fn_constructor_kwargs={"checkpoint": args.checkpoint, "trust": trust, "data": data,
+                                               "device": "cuda" if gpu else "cpu"},
+                        compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if gpu else 0)
     totals = dict.fromkeys(STAT_NAMES, 0.0)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in STAT_NAMES:

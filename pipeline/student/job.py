@@ -16,17 +16,24 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 from pipeline import storage
-from pipeline.cli import add_preprocessing_flags, init_ray, resolve_preprocessing
+from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray, limits_from_args, \
+    resolve_preprocessing, use_gpu
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
+from pipeline.modalities import preprocessing_from_dict
 from pipeline.models.probe import probe_output
-from pipeline.models.spec import (CHECKPOINT_CONFIG, SpecError, absolute_spec, build_model, describe_model,
-                                  parse_spec)
+from pipeline.models.spec import (CHECKPOINT_CONFIG, SpecError, absolute_spec, build_model, check_trust_modules,
+                                  describe_model, parse_spec)
 from pipeline.shards import FormatError, SoftTargetRun
+from pipeline.softtargets import TAIL_MODES
+from pipeline.storage import StorageError
+from pipeline.student.data import count_samples
 from pipeline.student.losses import LOSSES
-from pipeline.softtargets import TAIL_MODES, id_dtype
+from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
+from pipeline.student.train import TRAIN_STATE, read_metrics
 
 RUN_NAME = "train"
 FINAL_DIR = "final"
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--student", required=True, metavar="SPEC",
                    help="'package.module:factory?kwarg=value' (or a checkpoint dir to start from)")
+    add_trust_flag(g)
     g.add_argument("--output", required=True, metavar="URI", help="checkpoints, metrics.jsonl and final/ (local or s3://)")
     g = p.add_argument_group("distillation")
     g.add_argument("--loss", choices=LOSSES, default="kl",
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, shard order and shuffling")
     add_preprocessing_flags(p, "the soft-target run's (what the teacher saw)")
+    add_limit_flags(p)
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -125,15 +134,19 @@ def _validate(args) -> None:
         raise ConfigError("--lr must be > 0")
 
 
-def plan(args) -> tuple[dict, list[dict], list[dict]]:
-    """Resolve and check everything; returns (train_loop config, train tasks, eval tasks)."""
+def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | None]:
+    """Resolve and check everything; returns (plan, train tasks, eval tasks, the cache)."""
     run = None
     manifest = None
+    try:
+        trust = check_trust_modules(args.trust_module)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
     if args.soft_targets:
-        run = SoftTargetRun(args.soft_targets)
+        run = SoftTargetRun(args.soft_targets)  # O(1) requests: the manifest and its commit log
         manifest = run.manifest
     try:
-        student = parse_spec(args.student)
+        student = parse_spec(args.student, trust)
         if student.kind == "torchscript":
             raise ConfigError(f"--student {args.student}: a TorchScript file cannot be trained; use module:factory")
         model = build_model(student)
@@ -144,7 +157,7 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
     online_info = None
     if args.online_teacher:
         try:
-            t_spec = parse_spec(args.online_teacher)
+            t_spec = parse_spec(args.online_teacher, trust)
             online_info = describe_model(t_spec, build_model(t_spec))
         except SpecError as e:
             raise ConfigError(f"--online-teacher: {e}") from None
@@ -190,25 +203,28 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
         moved = {}
         if args.input:
             moved = {shard_name(r.uri): r.uri for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)}
+        records = manifest.shards
+        if not records:
+            raise ConfigError(f"--soft-targets {args.soft_targets}: the run has no complete shard")
+        # Before any worker starts: every listed file is there, at the size the log says.
+        damaged = run.verify()
+        if damaged:
+            name, why = sorted(damaged.items())[0]
+            raise ConfigError(f"--soft-targets {args.soft_targets}: {len(damaged)} shard(s) damaged, e.g. {name}: "
+                              f"{why}; rerun pseudo_label.py on that run to recompute them")
         for name in run.shard_names:
-            rec = manifest.shards[name]
-            uri = moved.get(name, rec.input)
+            rec = records[name]
             if args.input and name not in moved:
                 raise ConfigError(f"--input: no shard named {name!r} (needed by the soft-target run)")
-            tasks.append({"kind": "pseudo", "name": name, "input": uri})
+            tasks.append({"kind": "pseudo", "name": name, "input": moved.get(name, rec.input),
+                          "record": json.dumps(asdict(rec))})
             n_pseudo += rec.rows
-        if not tasks:
-            raise ConfigError(f"--soft-targets {args.soft_targets}: the run has no complete shard")
     if args.online_teacher:
-        from pipeline.student.data import count_samples
-
         for r in storage.expand_shards(args.input, SHARD_EXTENSIONS):
-            tasks.append({"kind": "raw", "name": shard_name(r.uri), "input": r.uri})
+            tasks.append({"kind": "raw", "name": shard_name(r.uri), "input": r.uri, "record": ""})
             n_pseudo += count_samples(r.uri)
     n_labeled = 0
     if args.labeled:
-        from pipeline.student.data import count_samples
-
         lab = [(r.uri, count_samples(r.uri)) for r in storage.expand_shards(args.labeled, SHARD_EXTENSIONS)]
         n_lab_once = sum(n for _, n in lab)
         rep = 1
@@ -220,11 +236,11 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
             r = args.labeled_ratio
             rep = max(1, round(r * n_pseudo / ((1 - r) * n_lab_once)))
         for i in range(rep):
-            tasks += [{"kind": "labeled", "name": f"{shard_name(u)}#{i}", "input": u} for u, _ in lab]
+            tasks += [{"kind": "labeled", "name": f"{shard_name(u)}#{i}", "input": u, "record": ""} for u, _ in lab]
         n_labeled = rep * n_lab_once
     eval_tasks = []
     if args.eval:
-        eval_tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri}
+        eval_tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri, "record": ""}
                       for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)]
 
     rows = n_pseudo + n_labeled
@@ -234,30 +250,24 @@ def plan(args) -> tuple[dict, list[dict], list[dict]]:
     alpha = args.alpha if (run is not None or args.online_teacher) else 1.0  # labels only: all CE
     if (run is not None or args.online_teacher) and not args.labeled and alpha == 1.0:
         raise ConfigError("--alpha 1 puts all weight on labels, but there is no labeled data")
-    factory = student.config["model"]["factory"] if student.kind == "checkpoint" else student.source
-    fingerprint = manifest.fingerprint if manifest else None
-    cfg = {
-        "student": args.student, "student_factory": factory, "student_kwargs": student.kwargs,
-        "modality": modality, "level": level, "num_classes": num_classes, "preprocessing": prep,
-        "stored_k": stored_k, "k": args.top_k, "id_dtype": manifest.id_dtype if manifest else str(id_dtype(num_classes)),
-        "crop": prep.get("crop"), "loss": args.loss, "temperature": args.temperature, "tail": args.tail,
-        "alpha": alpha, "confidence_threshold": args.confidence_threshold, "online_teacher": args.online_teacher,
-        "epochs": epochs, "max_steps": args.steps, "total_steps": total,
-        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else int(0.05 * total),
-        "min_lr_ratio": args.min_lr_ratio, "batch_size": args.batch_size, "optimizer": args.optimizer,
-        "lr": args.lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "grad_clip": args.grad_clip,
-        "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "precision": args.precision,
-        "output": args.output, "has_eval": bool(eval_tasks), "checkpoint_every": args.checkpoint_every,
-        "checkpoint_config": {
-            "modality": modality, "level": level, "num_classes": num_classes, "frame_shift_ms": frame_shift,
-            "preprocessing": prep, "class_names": manifest.class_names if manifest else None,
-            "softtargets_fingerprint": fingerprint,
-            "training": {k: v for k, v in vars(args).items() if k not in ("config",)},
-        },
-        "counts": {"pseudo": n_pseudo, "labeled": n_labeled, "steps_per_epoch": steps_per_epoch},
-        "frame_shift_ms": frame_shift,
-    }
-    return cfg, tasks, eval_tasks
+    data = DataPlan(modality=modality, level=level, preprocessing=preprocessing_from_dict(prep),
+                    num_classes=num_classes, stored_k=stored_k, label_frame_shift_ms=args.label_frame_shift_ms,
+                    frame_shift_ms=frame_shift, limits=limits_from_args(args))
+    loss = LossPlan(loss=args.loss, temperature=args.temperature, k=args.top_k, tail=args.tail, alpha=alpha,
+                    confidence_threshold=args.confidence_threshold)
+    optim = OptimPlan(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                      warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(0.05 * total),
+                      min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=epochs, max_steps=args.steps,
+                      total_steps=total, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                      seed=args.seed, precision=args.precision, checkpoint_every=args.checkpoint_every)
+    names = manifest.class_names if manifest else None
+    sp = StudentPlan(
+        student=str(args.student), trust=trust, factory=student.factory, kwargs=dict(student.kwargs),
+        num_classes=num_classes, class_names=tuple(names) if names else None,
+        softtargets=args.soft_targets, softtargets_fingerprint=manifest.fingerprint if manifest else None,
+        online_teacher=args.online_teacher, output=args.output, has_eval=bool(eval_tasks), data=data, loss=loss,
+        optim=optim, counts={"pseudo": n_pseudo, "labeled": n_labeled, "steps_per_epoch": steps_per_epoch})
+    return sp, tasks, eval_tasks, run
 
 
 def _absolute_paths(args) -> None:
@@ -273,14 +283,14 @@ def _absolute_paths(args) -> None:
     args.online_teacher = absolute_spec(args.online_teacher)
 
 
-def _final_done(args, cfg) -> dict | None:
+def _final_done(args, sp: StudentPlan) -> dict | None:
     uri = storage.join(args.output, FINAL_DIR, CHECKPOINT_CONFIG)
     if not storage.exists(uri):
         return None
     final = json.loads(storage.read_bytes(uri))
-    if final.get("softtargets_fingerprint") != cfg["checkpoint_config"]["softtargets_fingerprint"]:
+    if final.get("softtargets_fingerprint") != sp.softtargets_fingerprint:
         raise ConfigError(f"{args.output}: holds a student trained on another soft-target cache; use a new --output")
-    done = final.get("epoch", 0) >= cfg["epochs"] or (cfg["max_steps"] and final.get("step", 0) >= cfg["max_steps"])
+    done = final.get("epoch", 0) >= sp.optim.epochs or (sp.optim.max_steps and final.get("step", 0) >= sp.optim.max_steps)
     return final if done else None
 
 
@@ -301,13 +311,13 @@ def run(argv=None) -> int:
     try:
         _validate(args)
         _absolute_paths(args)
-        cfg, tasks, eval_tasks = plan(args)
-        done = _final_done(args, cfg)
-    except (ConfigError, FormatError, FileNotFoundError) as e:
+        sp, tasks, eval_tasks, cache = plan(args)
+        done = _final_done(args, sp)
+    except (ConfigError, FormatError, FileNotFoundError, StorageError) as e:
         parser.error(str(e))
-    c = cfg["counts"]
-    print(f"[train] {cfg['modality']} {cfg['level']}-level student {cfg['student_factory']} on {c['pseudo']:,} "
-          f"soft-target + {c['labeled']:,} labeled samples per epoch; {cfg['epochs']} epoch(s), "
+    c = sp.counts
+    print(f"[train] {sp.data.modality} {sp.data.level}-level student {sp.factory} on {c['pseudo']:,} "
+          f"soft-target + {c['labeled']:,} labeled samples per epoch; {sp.optim.epochs} epoch(s), "
           f"{c['steps_per_epoch']} steps/epoch, {args.workers} worker(s)", flush=True)
     if done is not None:
         print(f"[train] already complete: {storage.join(args.output, FINAL_DIR)} is at epoch {done.get('epoch')}, "
@@ -316,14 +326,16 @@ def run(argv=None) -> int:
                                       "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
         return 0
     t0 = time.monotonic()
-    result = fit(args, cfg, tasks, eval_tasks)
+    try:
+        result = fit(args, sp, tasks, eval_tasks, cache)
+    except DataError as e:
+        print(f"[train] error: {e}", file=sys.stderr, flush=True)
+        return 1
     final_uri = storage.join(args.output, FINAL_DIR)
     with tempfile.TemporaryDirectory() as d:
         result.checkpoint.to_directory(d)
-        os.remove(os.path.join(d, "train_state.pt"))  # final/ is the model, not the optimizer
+        os.remove(os.path.join(d, TRAIN_STATE))  # final/ is the model, not the optimizer
         storage.put_dir(d, final_uri)
-    from pipeline.student.train import read_metrics
-
     history = read_metrics(args.output)
     last = history[-1] if history else {}
     ck_path = result.checkpoint.path
@@ -339,21 +351,27 @@ def run(argv=None) -> int:
     return 0
 
 
-def fit(args, cfg: dict, tasks: list[dict], eval_tasks: list[dict]):
-    """Build the datasets and run the TorchTrainer; returns Ray Train's Result."""
+class DataError(RuntimeError):
+    """Training stopped on a data error (a damaged cache, shards that do not pair): retrying
+    cannot help, so the job ends with its one-line message."""
+
+
+def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache: SoftTargetRun | None):
+    """Build the datasets and run the TorchTrainer; returns Ray Train's Result.
+
+    A worker-group failure is retried from the latest checkpoint up to --max-failures times
+    (the same RunConfig resumes it), except a data error, which raises DataError at once."""
     import ray
-    from ray.data import DataContext
-    from ray.data._internal.random_config import RandomSeedConfig
+    from ray.data import DataContext, RandomSeedConfig
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.student.data import ShardRows
-    from pipeline.student.train import train_loop
+    from pipeline.student.train import data_error, train_loop
 
     init_ray(args.address)
     DataContext.get_current().enable_progress_bars = False
-    gpus = ray.cluster_resources().get("GPU", 0) if args.device != "cpu" else 0
-    use_gpu = args.device == "cuda" or gpus > 0  # cuda: wait for GPU workers (autoscaling), like pseudo_label
+    gpu = use_gpu(args.device)
     cpus = ray.cluster_resources().get("CPU", 0)
     if args.workers * args.cpus_per_worker > cpus - 1:
         msg = (f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} leaves less than one of the "
@@ -361,36 +379,43 @@ def fit(args, cfg: dict, tasks: list[dict], eval_tasks: list[dict]):
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             raise SystemExit(msg)  # a fixed local Ray would wait forever
         print(f"[train] warning: {msg}, unless the cluster autoscales", flush=True)
-    rows = ShardRows(cfg["preprocessing"], args.soft_targets, cfg["level"], args.label_frame_shift_ms,
-                     cfg["frame_shift_ms"])
+    rows = ShardRows(sp.data, cache.uri if cache else None, cache.facts if cache else None)
 
-    def dataset(items: list[dict], shuffle: bool):
+    def dataset(items: list[dict], shuffle: bool, seed: int):
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         if shuffle:  # a new shard order every epoch (every execution), reproducible from the seed
-            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=args.seed, reseed_after_execution=True))
+            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         return ds.map_batches(rows, batch_size=1, num_cpus=1)
 
-    datasets = {"train": dataset(tasks, shuffle=True)}
-    if eval_tasks:
-        datasets["eval"] = dataset(eval_tasks, shuffle=False)
     path, fs = _storage(args.output)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints)),
-        datasets=datasets,
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    return result
-
-
-def main() -> None:
-    sys.exit(run())
+    for attempt in range(args.max_failures + 1):
+        datasets = {"train": dataset(tasks, shuffle=True, seed=args.seed + attempt)}
+        if eval_tasks:
+            datasets["eval"] = dataset(eval_tasks, shuffle=False, seed=0)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"plan": sp},
+            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": args.cpus_per_worker}),
+            run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints)),
+            datasets=datasets,
+        )
+        try:
+            result = trainer.fit()
+            error = result.error
+        except Exception as e:  # Ray Train V2 raises TrainingFailedError from fit()
+            result, error = None, e
+        if error is None:
+            if result.checkpoint is None:
+                raise RuntimeError("training finished without a checkpoint")
+            return result
+        message = data_error(error)
+        if message:
+            raise DataError(message)
+        if attempt == args.max_failures:
+            raise error
+        print(f"[train] worker group failed ({type(error).__name__}); restarting from the latest checkpoint "
+              f"({attempt + 1}/{args.max_failures})", flush=True)
+    raise AssertionError("unreachable")

@@ -8,7 +8,6 @@ history) at the end of every epoch; a rerun or a restarted worker group resumes 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -21,12 +20,13 @@ import torch
 import torch.distributed as dist
 
 from pipeline import storage
-from pipeline.models.base import output_lengths
+from pipeline.models.runner import ModelRunner, unwrap
 from pipeline.models.spec import CHECKPOINT_WEIGHTS, build_model, parse_spec, save_checkpoint
-from pipeline.modalities import make_frontend, preprocessing_from_dict
 from pipeline.softtargets import topk_from_logits
 from pipeline.student.data import Collate
 from pipeline.student.losses import combine, distill_loss, hard_ce
+from pipeline.student.metrics import accuracy_counts, label_positions, target_positions
+from pipeline.student.plan import LossPlan, OptimPlan, StudentPlan
 
 # Ray Train tees print() on workers (it would show twice); its logging goes out once.
 log = logging.getLogger("kdpipe.train")
@@ -42,11 +42,11 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+def make_optimizer(params, optim: OptimPlan) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=True)
-    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def _all_reduce(values: list[float], device) -> list[float]:
@@ -60,39 +60,30 @@ class StepLoss:
     """Loss of one batch: the student's logits against labels and teacher targets.
 
     Frame level aligns the student's S frames, the teacher's T frames and the labels' F
-    frames (all at the same frame rate) on their common prefix, masked by each row's lengths.
+    frames (all at the same frame rate) on their common prefix, masked by each row's lengths
+    (pipeline.student.metrics).
     """
 
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.level = cfg["level"]
+    def __init__(self, loss: LossPlan, stored_k: int):
+        self.plan = loss
+        self.stored_k = stored_k
 
-    def __call__(self, model, logits: torch.Tensor, feat_len, b: dict) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        thr = cfg["confidence_threshold"]
-        if self.level == "frame":
-            S = logits.shape[1]
-            s_len = output_lengths(model, feat_len, b["feat_frames"], S)
-            T = min(S, b["t_ids"].shape[1])
-            t = torch.arange(T, device=logits.device)
-            soft_w = (t < torch.minimum(s_len, b["t_frames"]).unsqueeze(1)) & b["has_t"].unsqueeze(1)
-            soft_w = soft_w & (b["t_conf"][:, :T] >= thr)
-            soft = distill_loss(cfg["loss"], logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T], b["t_lse"][:, :T],
-                                cfg["temperature"], cfg["k"], cfg["tail"]) if T else logits.new_zeros(logits.shape[0], 0)
-            F_ = min(S, b["flabels"].shape[1])
-            f = torch.arange(F_, device=logits.device)
-            labels = b["flabels"][:, :F_]
-            hard_w = (labels >= 0) & (f < s_len.unsqueeze(1))
-            hard = hard_ce(logits[:, :F_], labels) if F_ else logits.new_zeros(logits.shape[0], 0)
+    def __call__(self, logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[torch.Tensor, dict]:
+        """logits (B, C) or (B, S, C); s_len (B,) valid student frames (frame level) -> (loss, sums)."""
+        p = self.plan
+        T, soft_w = target_positions(logits, s_len, b)
+        if T is None:
+            soft_w = soft_w & (b["t_conf"] >= p.confidence_threshold)
+            soft = distill_loss(p.loss, logits, b["t_ids"], b["t_lp"], b["t_lse"], p.temperature, p.k, p.tail)
         else:
-            soft_w = b["has_t"] & (b["t_conf"] >= thr)
-            soft = distill_loss(cfg["loss"], logits, b["t_ids"], b["t_lp"], b["t_lse"], cfg["temperature"], cfg["k"],
-                                cfg["tail"])
-            hard_w = b["label"] >= 0
-            hard = hard_ce(logits, b["label"])
+            soft_w = soft_w & (b["t_conf"][:, :T] >= p.confidence_threshold)
+            soft = distill_loss(p.loss, logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T], b["t_lse"][:, :T],
+                                p.temperature, p.k, p.tail) if T else logits.new_zeros(logits.shape[0], 0)
+        lab_logits, labels, hard_w = label_positions(logits, s_len, b["label"] if logits.dim() == 2 else b["flabels"])
+        hard = hard_ce(lab_logits, labels) if labels.numel() else logits.new_zeros(labels.shape)
         hard_w, soft_w = hard_w.float(), soft_w.float()
         soft = torch.where(soft_w > 0, soft, torch.zeros_like(soft))  # masked positions may hold padding garbage
-        loss = combine(hard.flatten(), hard_w.flatten(), soft.flatten(), soft_w.flatten(), cfg["alpha"])
+        loss = combine(hard.flatten(), hard_w.flatten(), soft.flatten(), soft_w.flatten(), p.alpha)
         with torch.no_grad():
             stats = {"hard_sum": float((hard * hard_w).sum()), "hard_n": float(hard_w.sum()),
                      "soft_sum": float((soft * soft_w).sum()), "soft_n": float(soft_w.sum())}
@@ -104,50 +95,62 @@ def _to_device(b: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
-def evaluate_shard(model, frontend, it, cfg: dict, device, collate_fn) -> tuple[float, float]:
+def evaluate_shard(runner: ModelRunner, it, plan: StudentPlan, device, collate_fn) -> tuple[float, float]:
     """(correct, total) over this worker's share of the eval dataset (frames at frame level)."""
     correct = total = 0.0
-    model.eval()
-    with torch.inference_mode():
-        for b in it.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate_fn):
-            b = _to_device(b, device)
-            x, feat_len = frontend(b["x"], b.get("lengths"))
-            logits = model(x, feat_len) if feat_len is not None else model(x)
-            if cfg["level"] == "frame":
-                S = logits.shape[1]
-                s_len = output_lengths(model, feat_len, x.shape[1], S)
-                F_ = min(S, b["flabels"].shape[1])
-                labels = b["flabels"][:, :F_]
-                valid = (labels >= 0) & (torch.arange(F_, device=device) < s_len.unsqueeze(1))
-                correct += float(((logits[:, :F_].argmax(-1) == labels) & valid).sum())
-                total += float(valid.sum())
-            else:
-                valid = b["label"] >= 0
-                correct += float(((logits.argmax(-1) == b["label"]) & valid).sum())
-                total += float(valid.sum())
-    model.train()
+    for m in runner.models:
+        m.eval()
+    for b in it.iter_torch_batches(batch_size=plan.optim.batch_size, collate_fn=collate_fn):
+        b = _to_device(b, device)
+        out = runner.predict(b["x"], b.get("lengths"))
+        labels = b["flabels"] if plan.data.level == "frame" else b["label"]
+        c, n = accuracy_counts(out.logits[0], out.frames, labels)
+        correct, total = correct + c, total + n
+    for m in runner.models:
+        m.train()
     return correct, total
 
 
-def train_loop(cfg: dict) -> None:
-    """Ray Train entry point; ``cfg`` is the JSON-able config built by the job."""
+def data_error(e: BaseException) -> str | None:
+    """The message of a kdpipe data error (a damaged cache, shards that do not pair) anywhere
+    in an exception's chain, as raised inside a Ray task; None for any other error."""
+    from pipeline.shards import FormatError
+    from pipeline.student.data import PairingError
+
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if type(e) in (FormatError, PairingError) or (isinstance(e, (FormatError, PairingError)) and cause is None):
+            return str(e).strip().splitlines()[0]
+        # Ray Train's WorkerGroupError keeps each worker's error by rank
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        todo += [cause, e.__cause__, e.__context__]
+    return None
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point; ``config["plan"]`` is the job's StudentPlan."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
+    plan: StudentPlan = config["plan"]
+    optim = plan.optim
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(optim.seed + rank)  # dropout and augmentation differ per rank
 
-    student = parse_spec(cfg["student"])
-    model = build_model(student)  # seeded init (or the student checkpoint's weights)
-    frontend = make_frontend(preprocessing_from_dict(cfg["preprocessing"])).to(device)
-    model = model.to(device)
-    opt = make_optimizer(model.parameters(), cfg)
-    total_steps = cfg["total_steps"]
+    # The initial weights follow --seed (the same on every rank; DDP also broadcasts rank 0's),
+    # or come from the student checkpoint.
+    model = build_model(parse_spec(plan.student, plan.trust), seed=optim.seed).to(device)
+    opt = make_optimizer(model.parameters(), optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, cfg["warmup_steps"], total_steps, cfg["min_lr_ratio"]))
+        opt, lambda s: lr_lambda(s, optim.warmup_steps, optim.total_steps, optim.min_lr_ratio))
     step, epoch, history = 0, 0, []
 
     ckpt = ray.train.get_checkpoint()
@@ -164,30 +167,28 @@ def train_loop(cfg: dict) -> None:
             log.info(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}")
 
     model = ray.train.torch.prepare_model(model, move_to_device=False)
+    runner = ModelRunner([model], plan.data.preprocessing, device, optim.precision)
     online = None
-    if cfg.get("online_teacher"):
-        from pipeline.teacher.predictor import Teacher
+    if plan.online_teacher:
+        from pipeline.teacher.predictor import load_teacher
 
-        online = Teacher([cfg["online_teacher"]], cfg["preprocessing"], cfg["precision"], str(device))
-    step_loss = StepLoss(cfg)
-    collate_fn = Collate(modality=cfg["modality"], level=cfg["level"], k=cfg["stored_k"],
-                         id_dtype=cfg["id_dtype"], crop=cfg.get("crop"))
+        online = load_teacher([plan.online_teacher], plan.trust, plan.data.preprocessing, optim.precision, device)
+    step_loss = StepLoss(plan.loss, plan.data.stored_k)
+    collate_fn = Collate(plan.data, pin=device.type == "cuda")
     train_it = ray.train.get_dataset_shard("train")
-    eval_it = ray.train.get_dataset_shard("eval") if cfg.get("has_eval") else None
-    use_amp = device.type == "cuda" and cfg["precision"] != "fp32"
-    amp_dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    max_steps = cfg.get("max_steps")
+    eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and optim.precision == "fp16")
+    max_steps = optim.max_steps
 
     model.train()
-    while epoch < cfg["epochs"] and not (max_steps and step >= max_steps):
+    while epoch < optim.epochs and not (max_steps and step >= max_steps):
         t0 = time.monotonic()
         sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
         samples = 0
         # prefetch 4: a few batches in hand smooth over the gaps between blocks of the input
-        batches = iter(train_it.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate_fn,
-                                                   local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                                   local_shuffle_seed=cfg["seed"] + 1000 * epoch + rank,
+        batches = iter(train_it.iter_torch_batches(batch_size=optim.batch_size, collate_fn=collate_fn,
+                                                   local_shuffle_buffer_size=optim.shuffle_buffer or None,
+                                                   local_shuffle_seed=optim.seed + 1000 * epoch + rank,
                                                    prefetch_batches=4))
         data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
         while True:
@@ -197,24 +198,20 @@ def train_loop(cfg: dict) -> None:
             if b is None:
                 break
             b = _to_device(b, device)
-            amp = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-            with amp:
-                x, feat_len = frontend(b["x"], b.get("lengths"))
-                if online is not None:  # online distillation: the teacher runs in the loop
-                    outs, t_frames = online.forward(b["x"], b.get("lengths"))
-                    tk = topk_from_logits(outs[0], cfg["stored_k"])
-                    b.update(t_ids=tk.ids, t_lp=tk.logprobs, t_lse=tk.logsumexp, t_conf=tk.confidence,
-                             has_t=torch.ones_like(b["has_t"]))
-                    if t_frames is not None:
-                        b["t_frames"] = t_frames
-                logits = model(x, feat_len) if feat_len is not None else model(x)
-                b["feat_frames"] = x.shape[1]
-                loss, st = step_loss(model.module if hasattr(model, "module") else model, logits, feat_len, b)
+            if online is not None:  # online distillation: the teacher runs in the loop
+                t_out = online.predict(b["x"], b.get("lengths"))
+                tk = topk_from_logits(t_out.logits[0], plan.data.stored_k)
+                b.update(t_ids=tk.ids, t_lp=tk.logprobs, t_lse=tk.logsumexp, t_conf=tk.confidence,
+                         has_t=torch.ones_like(b["has_t"]))
+                if t_out.frames is not None:
+                    b["t_frames"] = t_out.frames
+            out = runner.forward(b["x"], b.get("lengths"))
+            loss, st = step_loss(out.logits[0], out.frames, b)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg["grad_clip"] > 0:
+            if optim.grad_clip > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -240,16 +237,15 @@ def train_loop(cfg: dict) -> None:
             "data_wait_share": round(red[7] / world / seconds, 3) if seconds > 0 else None,
         }
         if eval_it is not None:
-            mod = model.module if hasattr(model, "module") else model
-            c, n = _all_reduce(list(evaluate_shard(mod, frontend, eval_it, cfg, device, collate_fn)), device)
+            c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)
             metrics["eval_accuracy"] = c / n if n else None
         history.append(metrics)
-        last = epoch >= cfg["epochs"] or bool(max_steps and step >= max_steps)
-        save = last or epoch % cfg["checkpoint_every"] == 0
-        _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
+        last = epoch >= optim.epochs or bool(max_steps and step >= max_steps)
+        save = last or epoch % optim.checkpoint_every == 0
+        _checkpoint_and_report(plan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
 
 
-def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint,
+def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint,
                            save: bool) -> None:
     """Report the epoch's metrics; with ``save``, rank 0 also writes and reports a checkpoint
     and rewrites OUTPUT/metrics.jsonl (the history a resumed run continues from)."""
@@ -258,23 +254,21 @@ def _checkpoint_and_report(cfg, model, opt, sched, step, epoch, history, metrics
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0 and save:
-            mod = model.module if hasattr(model, "module") else model
-            save_checkpoint(d, mod, cfg["student_factory"], cfg["student_kwargs"], {
-                **cfg["checkpoint_config"], "epoch": epoch, "step": step, "metrics": metrics,
+            save_checkpoint(d, unwrap(model), plan.factory, plan.kwargs, {
+                **plan.checkpoint_config(), "epoch": epoch, "step": step, "metrics": metrics,
             })
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
                         "history": json.dumps(history)}, os.path.join(d, TRAIN_STATE))
             checkpoint = Checkpoint.from_directory(d)
             lines = "".join(json.dumps(h) + "\n" for h in history)
-            storage.atomic_write_bytes(storage.join(cfg["output"], METRICS_FILE), lines.encode())
+            storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
         if rank == 0:
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
             acc = f" eval_acc {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
             wait = f"{metrics['data_wait_share']:.0%}" if metrics.get("data_wait_share") is not None else "-"
-            log.info(f"[train] epoch {epoch}/{cfg['epochs']} step {step} loss {metrics['loss']:.4f} ce {ce} kd {kd} "
-                     f"lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait "
-                     f"{wait}{acc}")
+            log.info(f"[train] epoch {epoch}/{plan.optim.epochs} step {step} loss {metrics['loss']:.4f} ce {ce} "
+                     f"kd {kd} lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait {wait}{acc}")
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 
