@@ -217,6 +217,7 @@ def parse_manifest(text: str, uri: str) -> Manifest:
         raise FormatError(f"{uri}: expected a JSON object, got {type(d).__name__}")
     if d.get("format") != FORMAT_NAME:
         raise FormatError(f"{uri}: not a kdpipe soft-target manifest (format={d.get('format')!r}, expected {FORMAT_NAME!r})")
+    _require(d, ("format_version",), uri)
     if d.get("format_version") != FORMAT_VERSION:
         raise FormatError(
             f"{uri}: unsupported format_version {d.get('format_version')!r}; this kdpipe reads version {FORMAT_VERSION}"

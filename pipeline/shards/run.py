@@ -29,6 +29,7 @@ from pipeline.inputs import unique_shard_names
 from pipeline.shards import commitlog
 from pipeline.shards.files import (
     errors_table, iter_shard_tables, read_errors, read_shard_bytes, read_shard_numpy, read_shard_table,
+    write_shard_files,
 )
 from pipeline.shards.lease import Lease
 from pipeline.shards.manifest import (
@@ -130,19 +131,14 @@ class RunWriter:
         where = storage.join(run_uri, MANIFEST_FILE)
         # never write a manifest that a reader would refuse
         parse_manifest(manifest.to_json(), f"{where} (new manifest)")
+        # Refuse a foreign or mismatched directory before touching it (not even a lease file).
+        self._check(read_manifest(run_uri), manifest, where)
         self.lease = Lease(run_uri, job)
         self.lease.acquire()
         try:
-            existing = read_manifest(run_uri)
+            existing = read_manifest(run_uri)  # again: the previous holder may have just committed
             if existing is not None:
-                if existing.fingerprint != manifest.fingerprint:
-                    raise FingerprintMismatch(
-                        f"{where}: this directory holds soft targets with fingerprint {existing.fingerprint[:16]}..., "
-                        f"but this run's teacher/preprocessing/k give {manifest.fingerprint[:16]}...; "
-                        "use a new --output (a run directory never mixes teachers)")
-                if existing.encoding != manifest.encoding:
-                    raise FormatError(f"{where}: this run is encoded as {existing.encoding}, not {manifest.encoding}; "
-                                      "use the same --format or a new --output")
+                self._check(existing, manifest, where)
                 existing.shards = commitlog.load_records(run_uri, existing.commits)
                 self.manifest = existing
             else:
@@ -152,6 +148,19 @@ class RunWriter:
         except BaseException:
             self.lease.release()
             raise
+
+    @staticmethod
+    def _check(existing: Manifest | None, manifest: Manifest, where: str) -> None:
+        if existing is None:
+            return
+        if existing.fingerprint != manifest.fingerprint:
+            raise FingerprintMismatch(
+                f"{where}: this directory holds soft targets with fingerprint {existing.fingerprint[:16]}..., "
+                f"but this run's teacher/preprocessing/k give {manifest.fingerprint[:16]}...; "
+                "use a new --output (a run directory never mixes teachers)")
+        if existing.encoding != manifest.encoding:
+            raise FormatError(f"{where}: this run is encoded as {existing.encoding}, not {manifest.encoding}; "
+                              "use the same --format or a new --output")
 
     # -- planning -----------------------------------------------------------------------
     def plan_inputs(self, refs: list, verify: bool = False) -> InputPlan:
@@ -203,6 +212,17 @@ class RunWriter:
                 self.manifest.shards.pop(n, None)
             self._reindex = True
         self.flush(force=True)
+
+    def write_shard(self, name: str, input_uri: str, table: pa.Table, errors) -> ShardRecord:
+        """Write one shard's files here and commit it (a producer that holds whole shards).
+
+        table: canonical soft-target table; errors: ERRORS_SCHEMA table or rows {key, input,
+        reason, detail}."""
+        if not isinstance(errors, pa.Table):
+            errors = errors_table(list(errors))
+        rec = write_shard_files(self.uri, self.manifest.facts(), name, input_uri, table, errors)
+        self.commit(rec)
+        return rec
 
     def commit(self, rec: ShardRecord) -> None:
         """Record a shard complete; saved within ``flush_interval_s`` (or at ``flush``)."""

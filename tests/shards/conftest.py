@@ -56,7 +56,7 @@ def write_run(path: str, encoding: str, level: str, k: int, num_classes: int, sh
         fr = [(j % (frames + 1)) for j in range(len(keys))] if level == "frame" else None
         tables[name] = make_table(keys, num_classes, k, level, fr, seed=i)
         w.write_shard(name, f"/data/in/{name}.tar", tables[name], (errors or {}).get(name, []))
-    w.flush()
+    w.close()
     return path, tables
 
 
@@ -80,20 +80,31 @@ def edit_manifest(run: str, **fields) -> None:
     dump_json(manifest_path(run), d)
 
 
-def edit_record(run: str, name: str, **fields) -> None:
-    """Change a shard's record in the manifest and in its status sidecar alike."""
-    d = load_json(manifest_path(run))
-    d["shards"][name].update(fields)
-    dump_json(manifest_path(run), d)
-    status = os.path.join(run, "_status", f"{name}.json")
-    s = load_json(status)
-    s.update(fields)
-    dump_json(status, s)
+def index_path(run: str) -> str:
+    """The commit-log index a closed run's manifest names (its records, one JSON line each)."""
+    commits = load_json(manifest_path(run))["commits"]
+    assert commits["index"] and not commits["log"], "a closed run has one index and no segments"
+    return os.path.join(run, commits["index"])
+
+
+def records(run: str) -> dict[str, dict]:
+    with open(index_path(run)) as f:
+        return {d["name"]: d for d in map(json.loads, f.read().splitlines())}
+
+
+def edit_record(run: str, shard: str, drop: tuple[str, ...] = (), **fields) -> None:
+    """Change (or drop fields of) a shard's record in the commit log."""
+    recs = records(run)
+    recs[shard].update(fields)
+    for f in drop:
+        del recs[shard][f]
+    with open(index_path(run), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs.values()))
 
 
 def replace_shard(run: str, name: str, data: bytes) -> str:
-    """Overwrite a shard file and make the manifest's bytes/sha256 agree with the new bytes."""
-    rel = load_json(manifest_path(run))["shards"][name]["output"]
+    """Overwrite a shard file and make its record's bytes/sha256 agree with the new bytes."""
+    rel = records(run)[name]["output"]
     path = os.path.join(run, rel)
     with open(path, "wb") as f:
         f.write(data)
@@ -107,5 +118,5 @@ def kd():
     return SimpleNamespace(
         make_manifest=make_manifest, make_topk=make_topk, make_table=make_table, write_run=write_run,
         manifest_path=manifest_path, load_json=load_json, dump_json=dump_json, edit_manifest=edit_manifest,
-        edit_record=edit_record, replace_shard=replace_shard,
+        edit_record=edit_record, replace_shard=replace_shard, index_path=index_path, records=records,
     )

@@ -124,14 +124,16 @@ def test_missing_shard_file(run):
 # --- manifest -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, words", [
-    ({"format_version": 2}, ("format_version",)),
-    ({"format_version": "1"}, ("format_version",)),
+    ({"format_version": 3}, ("format_version",)),
+    ({"format_version": 1}, ("format_version", "version 1 run")),
+    ({"format_version": "2"}, ("format_version",)),
     ({"level": "sentence"}, ("level",)),
     ({"encoding": "csv"}, ("encoding",)),
     ({"k": 0}, ("k must be",)),
     ({"k": 301}, ("exceeds",)),
     ({"id_dtype": "uint8"}, ("id_dtype",)),
-    ({"shards": []}, ("shards",)),
+    ({"commits": []}, ("commits",)),
+    ({"commits": {"index": "../../etc/passwd", "log": [], "seq": 1}}, ("not a file under _commits",)),
 ])
 def test_manifest_with_bad_values(one_run, kd, change, words):
     path, _, _ = one_run
@@ -139,7 +141,7 @@ def test_manifest_with_bad_values(one_run, kd, change, words):
     expect_error(path, kd.manifest_path(path), *words)
 
 
-@pytest.mark.parametrize("field", ["format_version", "fingerprint", "k", "num_classes", "level", "shards"])
+@pytest.mark.parametrize("field", ["format_version", "fingerprint", "k", "num_classes", "level", "commits"])
 def test_manifest_with_a_missing_field(one_run, kd, field):
     path, _, _ = one_run
     d = kd.load_json(kd.manifest_path(path))
@@ -151,11 +153,22 @@ def test_manifest_with_a_missing_field(one_run, kd, field):
 
 def test_shard_record_with_a_missing_field(one_run, kd):
     path, _, _ = one_run
-    d = kd.load_json(kd.manifest_path(path))
-    del d["shards"]["s0"]["sha256"]
-    kd.dump_json(kd.manifest_path(path), d)
-    msg = expect_error(path, kd.manifest_path(path), "missing")
+    kd.edit_record(path, "s0", drop=("sha256",))
+    msg = expect_error(path, kd.index_path(path), "missing")
     assert "sha256" in msg and "s0" in msg
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"output": "../../etc/passwd"}, ("output",)),
+    ({"errors": "/etc/passwd"}, ("errors",)),
+    ({"name": "../x"}, ("bad shard name",)),
+    ({"rows": -1}, ("rows",)),
+])
+def test_shard_record_pointing_outside_the_run(one_run, kd, change, words):
+    """A record can only name files inside its run directory."""
+    path, _, _ = one_run
+    kd.edit_record(path, "s0", **change)
+    expect_error(path, kd.index_path(path), *words)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -181,14 +194,17 @@ def test_no_manifest(tmp_path):
     assert str(tmp_path / "manifest.json") in str(info.value)
 
 
-def test_unreadable_status_sidecar(one_run, kd):
+def test_unreadable_commit_file(one_run, kd):
     path, _, _ = one_run
-    status = os.path.join(path, "_status", "s0.json")
-    with open(status, "w") as f:
+    index = kd.index_path(path)
+    with open(index, "w") as f:
         f.write('{"name": "s0", "rows": ')
-    expect_error(path, status, "unreadable")
-    kd.dump_json(status, ["not", "a", "record"])
-    expect_error(path, status, "unreadable")
+    expect_error(path, index, "not valid JSON")
+    with open(index, "w") as f:
+        f.write('["not", "a", "record"]\n')
+    expect_error(path, index, "must be an object")
+    os.remove(index)
+    expect_error(path, index, "missing")
 
 
 # --- shard vs manifest ----------------------------------------------------------------------------
@@ -222,7 +238,7 @@ def test_parquet_shard_from_another_run(tmp_path, kd):
     kd.write_run(a, "parquet", "utterance", 5, 300, {"s0": KEYS})
     w = RunWriter(b, kd.make_manifest("utterance", 5, 300, "parquet", teacher="teacher-b"))
     w.write_shard("s0", "/in", kd.make_table(KEYS, 300, 5, "utterance"), [])
-    w.flush()
+    w.close()
     with open(os.path.join(b, "shards", "s0.parquet"), "rb") as f:
         kd.replace_shard(a, "s0", f.read())
     expect_error(a, shard_path(a, "parquet"), "fingerprint")
@@ -376,7 +392,7 @@ def test_checksum_helper_matches_manifest(tmp_path, kd):
     """The manifest's sha256/bytes are of the shard file's bytes (a reader without kdpipe can verify)."""
     path = str(tmp_path / "run")
     kd.write_run(path, "webdataset", "frame", 2, 7, {"s0": KEYS})
-    rec = kd.load_json(kd.manifest_path(path))["shards"]["s0"]
+    rec = kd.records(path)["s0"]
     with open(os.path.join(path, rec["output"]), "rb") as f:
         data = f.read()
     assert rec["bytes"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()

@@ -17,6 +17,7 @@ from pipeline.shards.schema import LOGPROB_FLOOR
 from pipeline.softtargets import TopK, id_dtype, topk_from_logits
 
 ENCODINGS = ("parquet", "webdataset")
+EXT = {"parquet": ".parquet", "webdataset": ".tar"}
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # class counts on both sides of every id dtype boundary (uint8 | uint16 | uint32)
 CLASS_COUNTS = st.one_of(st.integers(1, 40), st.sampled_from([255, 256, 257, 65535, 65536, 65537, 70000]))
@@ -222,17 +223,72 @@ def test_many_shards_errors_and_reopen(tmp_path, kd, encoding, level):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_status_sidecar_recovers_shards_missing_from_manifest(tmp_path, kd, encoding):
-    """A run killed between the shard's status record and the manifest rewrite loses nothing."""
+def test_uncommitted_shard_files_do_not_count_and_are_removed(tmp_path, kd, encoding):
+    """Files a worker wrote whose record never reached the commit log (a killed run) are never
+    read, and the next writer removes them; committed shards are untouched."""
+    from pipeline.shards import write_shard_files
+
     run = str(tmp_path / "run")
-    w = RunWriter(run, kd.make_manifest("utterance", 2, 10, encoding), manifest_interval_s=3600)
-    w.flush()  # manifest with no shards
-    w._last_save = float("inf")  # noqa: SLF001  never rewrite the manifest again ("killed")
-    w.write_shard("s1", "/in/s1", kd.make_table(["a", "b"], 10, 2, "utterance"), [])
-    assert kd.load_json(kd.manifest_path(run))["shards"] == {}
-    r = SoftTargetRun(run)
-    assert r.shard_names == ["s1"]
-    assert list(r.read_numpy("s1")["key"]) == ["a", "b"]
+    w = RunWriter(run, kd.make_manifest("utterance", 2, 10, encoding), flush_interval_s=3600)
+    w.write_shard("s0", "/in/s0", kd.make_table(["a"], 10, 2, "utterance"), [])
+    w.flush()
+    # a worker writes s1's files, then the job dies before the driver commits them
+    write_shard_files(run, w.manifest.facts(), "s1", "/in/s1", kd.make_table(["b", "c"], 10, 2, "utterance"),
+                      kd_errors([]))
+    (tmp_path / "run" / "_parts" / "s2").mkdir(parents=True)
+    (tmp_path / "run" / "_parts" / "s2" / "p.parquet").write_bytes(b"half a part")
+    w.abandon()
+    assert SoftTargetRun(run).shard_names == ["s0"]
+    before = (tmp_path / "run" / "shards" / f"s0{EXT[encoding]}").stat().st_mtime_ns
+    w2 = RunWriter(run, kd.make_manifest("utterance", 2, 10, encoding))
+    assert w2.cleanup() == 3  # s1's shard and errors files, the part
+    w2.close()
+    names = sorted(p.name for p in (tmp_path / "run" / "shards").iterdir())
+    assert names == [f"s0{EXT[encoding]}"] and not (tmp_path / "run" / "_parts").exists()
+    assert (tmp_path / "run" / "shards" / f"s0{EXT[encoding]}").stat().st_mtime_ns == before
+    assert list(SoftTargetRun(run).read_numpy("s0")["key"]) == ["a"]
+
+
+def kd_errors(rows):
+    from pipeline.shards import errors_table
+
+    return errors_table(rows)
+
+
+def test_commit_log_saves_only_what_is_new_and_opens_in_a_few_reads(tmp_path, kd):
+    """Each save writes one segment with the records since the last save (not the whole run);
+    the log is folded into an index as it grows, so an open reads a bounded number of files."""
+    from pipeline.shards import commitlog
+
+    run = str(tmp_path / "run")
+    w = RunWriter(run, kd.make_manifest("utterance", 2, 10, "parquet"), flush_interval_s=0)
+    table = kd.make_table(["a"], 10, 2, "utterance")
+    seen_segments = []
+    for i in range(40):
+        w.write_shard(f"s{i:03d}", f"/in/s{i:03d}", table, [])  # saved at once (interval 0)
+        c = kd.load_json(kd.manifest_path(run))["commits"]
+        if c["log"]:
+            last = tmp_path / "run" / c["log"][-1]
+            seen_segments.append(len(last.read_text().splitlines()))
+        assert len(c["log"]) <= commitlog.MAX_SEGMENTS
+        assert len(c["log"]) <= 2 + (c.get("index_records") or 0)  # folded as the log outgrows the index
+        assert len(SoftTargetRun(run).shard_names) == i + 1
+    assert set(seen_segments) == {1}  # every segment held just the one new record
+    w.close()
+    c = kd.load_json(kd.manifest_path(run))["commits"]
+    assert c["index"] and c["log"] == [] and len(kd.records(run)) == 40
+    assert sorted(p.name for p in (tmp_path / "run" / "_commits").iterdir()) == [c["index"].split("/")[-1]]
+
+
+def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path, kd):
+    from pipeline.shards import LeaseHeld
+
+    run = str(tmp_path / "run")
+    w = RunWriter(run, kd.make_manifest("utterance", 2, 10, "parquet"))
+    with pytest.raises(LeaseHeld, match="being written by"):
+        RunWriter(run, kd.make_manifest("utterance", 2, 10, "parquet"))
+    w.close()
+    RunWriter(run, kd.make_manifest("utterance", 2, 10, "parquet")).close()  # free again
 
 
 def test_writer_refuses_a_table_that_does_not_match_the_manifest(tmp_path, kd):

@@ -177,7 +177,7 @@ def test_doc_parquet_snippets(parquet_run):
     run, r = parquet_run
     ns = {"run": run, "os": os}
     exec(python_block("def targets("), ns)  # noqa: S102
-    exec(python_block("records = {n: r"), ns)  # noqa: S102  (which shards are complete, checksums)
+    exec(python_block("records = {}"), ns)  # noqa: S102  (which shards are complete, checksums)
     assert sorted(ns["records"]) == sorted(SHARDS)
     exec(python_block("pq.read_table"), ns)  # noqa: S102
     ours = r.read_numpy("shard-0000")
