@@ -71,8 +71,9 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, f
 
         monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
     data = b"new content"
-    with pytest.raises(Boom):
+    with pytest.raises(storage.StorageError, match="cannot write") as info:  # one line naming the file
         storage.atomic_write_bytes(str(target), data)
+    assert str(target) in str(info.value) and "Boom" in str(info.value)
     monkeypatch.undo()
     assert target.read_bytes() == b"old content"
     assert files_in(tmp_path) == ["manifest.json"]

@@ -64,9 +64,8 @@ class StepLoss:
     (pipeline.student.metrics).
     """
 
-    def __init__(self, loss: LossPlan, stored_k: int):
+    def __init__(self, loss: LossPlan):
         self.plan = loss
-        self.stored_k = stored_k
 
     def __call__(self, logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[torch.Tensor, dict]:
         """logits (B, C) or (B, S, C); s_len (B,) valid student frames (frame level) -> (loss, sums)."""
@@ -173,7 +172,7 @@ def train_loop(config: dict) -> None:
         from pipeline.teacher.predictor import load_teacher
 
         online = load_teacher([plan.online_teacher], plan.trust, plan.data.preprocessing, optim.precision, device)
-    step_loss = StepLoss(plan.loss, plan.data.stored_k)
+    step_loss = StepLoss(plan.loss)
     collate_fn = Collate(plan.data, pin=device.type == "cuda")
     train_it = ray.train.get_dataset_shard("train")
     eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None

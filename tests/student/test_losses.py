@@ -71,12 +71,11 @@ def test_combine_weights_alpha_by_position_counts():
     assert combine(hard, hw, soft, torch.zeros(3), 0.25).item() == pytest.approx(3.0)  # labels only: plain CE mean
 
 
-class _Shift:  # a frame-level "model": output frames = input frames (10 ms), for output_lengths
-    def output_lengths(self, lengths):
-        return lengths
-
-
 def test_frame_loss_is_masked_by_lengths_and_confidence():
+    from dataclasses import replace
+
+    from pipeline.student.plan import LossPlan
+
     g = torch.Generator().manual_seed(4)
     B, T, C, k = 2, 7, 5, 3
     teacher = torch.randn(B, T, C, generator=g) * 2
@@ -84,10 +83,10 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     logits = torch.randn(B, T, C, generator=g)
     b = {"t_ids": tk.ids, "t_lp": tk.logprobs, "t_lse": tk.logsumexp, "t_conf": tk.confidence,
          "t_frames": torch.tensor([7, 4]), "has_t": torch.tensor([True, True]),
-         "flabels": torch.full((B, 0), -1), "feat_frames": T}
-    cfg = {"level": "frame", "loss": "kl", "temperature": 2.0, "k": None, "tail": "renormalize", "alpha": 0.5,
-           "confidence_threshold": 0.0}
-    loss, stats = StepLoss(cfg)(_Shift(), logits, torch.tensor([7, 5]), b)
+         "flabels": torch.full((B, 0), -1)}
+    plan = LossPlan(loss="kl", temperature=2.0, k=None, tail="renormalize", alpha=0.5, confidence_threshold=0.0)
+    s_len = torch.tensor([7, 5])  # the student's valid output frames per row
+    loss, stats = StepLoss(plan)(logits, s_len, b)
     per = kd_kl(logits, tk.ids, tk.logprobs, 2.0)  # (B, T)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)  # min(student 5, teacher 4) for row 2
     assert stats["soft_n"] == 11
@@ -95,11 +94,11 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     # Garbage in masked frames changes nothing.
     logits2 = logits.clone()
     logits2[1, 4:] = 1e4
-    assert StepLoss(cfg)(_Shift(), logits2, torch.tensor([7, 5]), b)[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert StepLoss(plan)(logits2, s_len, b)[0].item() == pytest.approx(loss.item(), rel=1e-5)
     # A confidence threshold drops the frames below it.
-    cfg["confidence_threshold"] = float(tk.confidence.median())
-    _, stats = StepLoss(cfg)(_Shift(), logits, torch.tensor([7, 5]), b)
-    assert stats["soft_n"] == int(((tk.confidence >= cfg["confidence_threshold"]) & mask).sum())
+    thr = float(tk.confidence.median())
+    _, stats = StepLoss(replace(plan, confidence_threshold=thr))(logits, s_len, b)
+    assert stats["soft_n"] == int(((tk.confidence >= thr) & mask).sum())
 
 
 def test_warmup_then_cosine():
