@@ -10,6 +10,8 @@ Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
    ``{factory: ..., kwargs: {...}, weights: ...}``. Weights are a safetensors file or a
    state_dict loaded with ``torch.load(weights_only=True)``: never an arbitrary pickle.
 3. A TorchScript archive (``torch.jit.save``).
+4. Teachers from the ecosystem, as they are: ``hf:PATH``, ``timm:NAME?weights=FILE``,
+   ``torchvision:NAME?weights=FILE``, ``onnx:FILE`` (``pipeline/models/external/``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.fingerprint import canonical_json
+from pipeline.models import external
 from pipeline.models.base import model_info
 
 CHECKPOINT_CONFIG = "config.json"
@@ -40,7 +43,7 @@ class SpecError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """A resolved spec. ``kind`` is "checkpoint", "factory" or "torchscript"."""
+    """A resolved spec. ``kind`` is "checkpoint", "factory", "torchscript" or one of ``external.KINDS``."""
 
     kind: str
     source: str  # checkpoint dir, "module:factory", or TorchScript file
@@ -49,7 +52,9 @@ class ModelSpec:
     config: dict[str, Any] | None = None  # checkpoint config.json
 
     def describe(self) -> str:
-        return self.source if self.kind != "factory" else f"{self.source}({canonical_json(self.kwargs)})"
+        if self.kind == "factory" or (self.kind in external.KINDS and self.kwargs):
+            return f"{self.source}({canonical_json(self.kwargs)})"
+        return self.source
 
 
 def _parse_value(v: str) -> Any:
@@ -80,6 +85,8 @@ def parse_spec(spec: str | dict) -> ModelSpec:
     spec = str(spec).strip()
     if not spec:
         raise SpecError("empty model spec")
+    if external.is_external(spec):  # hf: timm: torchvision: onnx:
+        return external.parse(spec)
     if storage.exists(storage.join(spec, CHECKPOINT_CONFIG)):
         return _checkpoint_spec(spec)
     if storage.exists(spec) and not storage.filesystem(spec)[0].isdir(storage.filesystem(spec)[1]):
@@ -109,6 +116,8 @@ def absolute_spec(spec: str | dict | None) -> str | dict | None:
             return {**spec, "weights": storage.absolute(str(spec["weights"]))}
         return spec
     text = str(spec).strip()
+    if external.is_external(text):
+        return external.absolute(text)
     if storage.exists(text):
         return storage.absolute(text)
     target, sep, query = text.partition("?")
@@ -186,6 +195,8 @@ def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 def build_model(spec: ModelSpec, load_weights: bool = True) -> nn.Module:
     """Instantiate the model of a spec on CPU (eval mode not set)."""
+    if spec.kind in external.KINDS:
+        return external.build(spec)
     if spec.kind == "torchscript":
         return torch.jit.load(io.BytesIO(storage.read_bytes(spec.source)), map_location="cpu")
     target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
@@ -214,6 +225,8 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
 
     if spec.kind == "torchscript":
         return {"kind": "torchscript", "sha256": file_digest(spec.source)}
+    if spec.kind in external.KINDS:
+        return external.identity(spec)
     target = spec.config["model"]["factory"] if spec.kind == "checkpoint" else spec.source
     return {
         "kind": "module",
@@ -229,6 +242,8 @@ def describe_model(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
     out = {"modality": info.modality, "level": info.level, "num_classes": info.num_classes,
            "frame_shift_ms": info.frame_shift_ms, "preprocessing": None, "class_names": None}
+    if spec.kind in external.KINDS:
+        out.update(external.describe(spec, model))
     if spec.config:
         for key in out:
             if spec.config.get(key) is not None:
