@@ -50,6 +50,23 @@ def save_wav2vec2_classifier(path, norm: str = "layer", labels=LABELS) -> str:
     return str(path)
 
 
+def save_hubert_classifier(path, labels=LABELS) -> str:
+    """HubertForSequenceClassification (group-norm feature encoder, like hubert-base) + extractor."""
+    import transformers
+
+    cfg = transformers.HubertConfig(**{**_w2v2_config().to_dict(), "feat_extract_norm": "group",
+                                       "do_stable_layer_norm": False, "num_labels": len(labels),
+                                       "id2label": dict(enumerate(labels)),
+                                       "label2id": {n: i for i, n in enumerate(labels)}, "model_type": "hubert"})
+    torch.manual_seed(0)
+    model = transformers.HubertForSequenceClassification(cfg).eval()
+    _spread_head(model)
+    fe = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False, return_attention_mask=False)
+    model.save_pretrained(path)
+    fe.save_pretrained(path)
+    return str(path)
+
+
 def save_wav2vec2_ctc(path, vocab: int = 12) -> str:
     """Wav2Vec2ForCTC (frame level, 20 ms) + its feature extractor + a vocab.json."""
     import json
@@ -96,7 +113,7 @@ def save_whisper(path, labels=LABELS) -> str:
                                      id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     torch.manual_seed(0)
     model = transformers.WhisperForAudioClassification(cfg).eval()
-    _spread_head(model)
+    _spread_head(model, std=3.0)
     fe = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=2)
     model.save_pretrained(path)
     fe.save_pretrained(path)

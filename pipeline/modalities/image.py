@@ -153,7 +153,7 @@ def prepare_image(data: bytes, prep: ImagePreprocessing) -> np.ndarray:
     else:
         arr = np.asarray(img, dtype=np.uint8)
     top, left = _crop_offset(nh, prep.crop, prep.crop_offset), _crop_offset(nw, prep.crop, prep.crop_offset)
-    return np.ascontiguousarray(arr[top: top + prep.crop, left: left + prep.crop])
+    return arr[top: top + prep.crop, left: left + prep.crop].copy()  # (crop, crop, 3), contiguous, writable
 
 
 class ImageFrontend(nn.Module):

@@ -195,9 +195,10 @@ class HFAudioTeacher(nn.Module):
                 raise SpecError(f"{type(model).__name__}: cannot tell its frame shift / output lengths")
             self.frame_shift_ms = 1000.0 * float(ratio) / self.sample_rate
         self.kdpipe_class_names = class_names
-        self.kdpipe_preprocessing = {"modality": "audio", "sample_rate": self.sample_rate, "features": "none",
-                                     "n_mels": 40, "win_ms": 25.0, "hop_ms": 10.0, "chunk_seconds": None,
-                                     "crop_seconds": None}
+        from pipeline.modalities import AudioPreprocessing
+
+        # The raw waveform at the extractor's rate; its math runs in forward().
+        self.kdpipe_preprocessing = AudioPreprocessing(sample_rate=self.sample_rate, features="none").to_dict()
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid samples (B,) -> valid output frames (B,), by the model's own length rule."""
@@ -424,7 +425,7 @@ def build(spec) -> nn.Module:
     try:
         model = cls.from_pretrained(local, local_files_only=True, use_safetensors=safetensors, weights_only=True,
                                     dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, a refused pickle (UnpicklingError), ...
         raise SpecError(f"hf:{uri}: cannot load {cls_name} ({type(e).__name__}: {e})") from None
     model.eval()
     modality, level = TASKS[task][1], TASKS[task][2]
