@@ -86,6 +86,21 @@ def save_wav2vec2_ctc(path, vocab: int = 12) -> str:
     return str(path)
 
 
+def save_wav2vec2_frame_classifier(path, labels=LABELS) -> str:
+    """Wav2Vec2ForAudioFrameClassification (frame level, 20 ms: e.g. VAD / diarisation heads)."""
+    import transformers
+
+    cfg = _w2v2_config(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForAudioFrameClassification(cfg).eval()
+    _spread_head(model)
+    fe = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+    model.save_pretrained(path)
+    fe.save_pretrained(path)
+    return str(path)
+
+
 def save_ast(path, labels=LABELS) -> str:
     """ASTForAudioClassification + ASTFeatureExtractor (Kaldi fbank, 128 frames)."""
     import transformers

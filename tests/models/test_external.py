@@ -41,6 +41,7 @@ def models(tmp_path_factory):
         "ast": em.save_ast(root / "ast"),
         "whisper": em.save_whisper(root / "whisper"),
         "ctc": em.save_wav2vec2_ctc(root / "ctc"),
+        "frames": em.save_wav2vec2_frame_classifier(root / "frames"),
         "vit": em.save_vit(root / "vit"),
         "convnext": em.save_convnext(root / "convnext"),
         "root": root,
@@ -92,22 +93,28 @@ def test_hf_audio_classifiers_equal_processor_and_model(models, name):
             assert float(want.exp().max()) > 0.3  # classes well apart: the comparison means something
 
 
-def test_hf_ctc_frames_lengths_and_vocab(models):
+@pytest.mark.parametrize("name", ["ctc", "frames"])
+def test_hf_frame_level_lengths_and_classes(models, name):
+    """AutoModelForCTC and AutoModelForAudioFrameClassification: (B, T', C) at 20 ms frames."""
     import transformers
 
-    spec = parse_spec(f"hf:{models['ctc']}")
+    spec = parse_spec(f"hf:{models[name]}")
     teacher = build_model(spec).eval()
     info = describe_model(spec, teacher)
-    assert (info["level"], info["frame_shift_ms"], info["num_classes"]) == ("frame", 20.0, 12)  # 320 samples at 16 kHz
-    assert info["class_names"][:3] == ["<pad>", "|", "a"]  # vocab.json: a CTC head's classes are its tokens
-    ref, fe = _reference(models["ctc"]), transformers.AutoFeatureExtractor.from_pretrained(models["ctc"])
+    classes = 12 if name == "ctc" else 6
+    assert (info["level"], info["frame_shift_ms"], info["num_classes"]) == ("frame", 20.0, classes)  # 320 samples
+    if name == "ctc":
+        assert info["class_names"][:3] == ["<pad>", "|", "a"]  # vocab.json: a CTC head's classes are its tokens
+    else:
+        assert info["class_names"] == em.LABELS
+    ref, fe = _reference(models[name]), transformers.AutoFeatureExtractor.from_pretrained(models[name])
     waves = _clips(seed=1)
     x, lengths = _padded(waves)
     with torch.no_grad():
-        got = torch.log_softmax(teacher(x, lengths), -1)  # (B, T'max, V)
+        got = torch.log_softmax(teacher(x, lengths), -1)  # (B, T'max, C)
         frames = teacher.output_lengths(lengths)
         for i, w in enumerate(waves):
-            want = torch.log_softmax(ref(**fe(w, sampling_rate=16000, return_tensors="pt")).logits[0], -1)  # (T', V)
+            want = torch.log_softmax(ref(**fe(w, sampling_rate=16000, return_tensors="pt")).logits[0], -1)  # (T', C)
             assert int(frames[i]) == want.shape[0]
             assert (got[i, : want.shape[0]] - want).abs().max() < TOL
 

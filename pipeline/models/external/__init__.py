@@ -42,7 +42,8 @@ def require(module: str, kind: str):
         return importlib.import_module(module)
     except ImportError as e:
         extra = EXTRAS.get(module.split(".")[0], kind)
-        raise SpecError(f"{kind}: teachers need {module.split('.')[0]} ({e}); "
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SpecError(f"{kind}: teachers need {module.split('.')[0]} ({why}); "
                         f"install the extra: pip install 'kdpipe[{extra}]'") from None
 
 
