@@ -1,6 +1,6 @@
 """Model specs: how a teacher or student is named, built, loaded and identified.
 
-Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
+Four forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
 
 1. A checkpoint directory written by jobs/train_student.py (``config.json`` +
    ``model.safetensors``), local or ``s3://``: any trained model can teach (self-training).
