@@ -226,12 +226,6 @@ class TinyFrameNet(torch.nn.Module):
         return self.fc(h * mask)
 
 
-def export_onnx(model: torch.nn.Module, path, example: tuple, input_names, dynamic: dict) -> str:
-    torch.onnx.export(model.eval(), example, str(path), input_names=input_names, output_names=["logits"],
-                      dynamic_axes=dynamic, dynamo=False)
-    return str(path)
-
-
 def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A random but photo-like (smooth) uint8 RGB image (H, W, 3)."""
     from PIL import Image
