@@ -13,7 +13,9 @@ AUDIO_FLAGS = {"sample_rate": "sample_rate", "features": "features", "n_mels": "
 # Memory reserved per CPU decode task (a length bucket of decoded audio). Being set on decode
 # and not on model actors, it also keeps Ray Data from fusing the two operators.
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
-IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std"}
+IMAGE_FLAGS = {"image_resize": "resize", "image_crop": "crop", "image_mean": "mean", "image_std": "std",
+               "image_resize_mode": "resize_mode", "image_resample": "resample", "image_crop_offset": "crop_offset",
+               "image_backend": "backend"}
 
 
 def add_preprocessing_flags(p: argparse.ArgumentParser, source: str = "the teacher checkpoint's") -> None:
@@ -31,6 +33,16 @@ def add_preprocessing_flags(p: argparse.ArgumentParser, source: str = "the teach
     g.add_argument("--image-crop", type=int, default=None, help="centre crop size [32]")
     g.add_argument("--image-mean", type=float, nargs=3, default=None, help="per-channel mean [0.5 0.5 0.5]")
     g.add_argument("--image-std", type=float, nargs=3, default=None, help="per-channel std [0.5 0.5 0.5]")
+    g.add_argument("--image-resize-mode", choices=["shorter", "shortest_edge", "exact"], default=None,
+                   help="shorter: shorter side to --image-resize (longer side rounded); shortest_edge: the same with "
+                        "the longer side truncated (torchvision, Hugging Face); exact: both sides [shorter]")
+    g.add_argument("--image-resample", choices=["nearest", "nearest-exact", "bilinear", "bicubic", "lanczos", "box",
+                                                "hamming"], default=None, help="resize filter [bilinear]")
+    g.add_argument("--image-crop-offset", choices=["floor", "round"], default=None,
+                   help="centre-crop corner for odd margins: floor (Hugging Face) or round (torchvision CenterCrop) [floor]")
+    g.add_argument("--image-backend", choices=["pil", "torchvision-v2", "torchvision-v1"], default=None,
+                   help="resize implementation: PIL, or torchvision on uint8 tensors (v2: Hugging Face processors; "
+                        "v1: torchvision weights.transforms() on tensors) [pil]")
 
 
 def _prep_overrides(args) -> dict:

@@ -1,4 +1,4 @@
-"""Reading input shards: WebDataset tars and Parquet (key + bytes columns), local or s3://.
+"""Reading input shards: WebDataset tars and Parquet (key + media columns), local or s3://.
 
 Both yield ``RawSample``s in shard order, streaming (a shard is never held whole in memory).
 A sample that cannot be used carries a ``DecodeError`` instead of data, so the caller can
@@ -157,23 +157,75 @@ def iter_tar(uri: str, exts: tuple[str, ...], max_member_bytes: int = DEFAULT_LI
         yield _to_sample(key, members, exts)
 
 
+def _media_kind(t: pa.DataType) -> str | None:
+    """How a Parquet column holds media: "binary" (the bytes), "struct" (the ``datasets``
+    library's Audio/Image layout, ``{bytes, path}``), "array" (``{array, sampling_rate}``
+    decoded samples), or None (not media)."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_struct(t):
+        names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+        if "bytes" in names and (pa.types.is_binary(names["bytes"]) or pa.types.is_large_binary(names["bytes"])):
+            return "struct"
+        if "array" in names and "sampling_rate" in names:
+            return "array"
+    return None
+
+
 def _parquet_columns(pf: pq.ParquetFile, uri: str, key_column: str | None, data_column: str | None):
+    """(key column or None for row ids, data column, its media kind)."""
     schema = pf.schema_arrow
+    if key_column is not None and key_column not in schema.names:
+        raise ValueError(f"{uri}: no key column {key_column!r} (columns: {schema.names})")
     key_column = key_column or ("key" if "key" in schema.names else None)
-    if key_column is None or key_column not in schema.names:
-        raise ValueError(f"{uri}: no key column {key_column or 'key'!r} (columns: {schema.names})")
     if data_column is None:
-        binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-        if not binary:
-            raise ValueError(f"{uri}: no binary column holding media bytes (columns: {schema.names})")
-        data_column = binary[0]
+        media = [f.name for f in schema if _media_kind(f.type) == "binary"]
+        media = media or [f.name for f in schema if _media_kind(f.type) is not None]
+        if not media:
+            raise ValueError(f"{uri}: no column holding media bytes (a binary column, or an Audio/Image struct "
+                             f"{{bytes, path}}) (columns: {schema.names})")
+        data_column = media[0]
     elif data_column not in schema.names:
         raise ValueError(f"{uri}: no data column {data_column!r} (columns: {schema.names})")
-    dtype = schema.field(data_column).type
-    if not (pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)):
-        raise ValueError(f"{uri}: data column {data_column!r} is {dtype}, not binary media bytes; "
-                         "pick the column with --data-column")
-    return key_column, data_column
+    kind = _media_kind(schema.field(data_column).type)
+    if kind is None:
+        raise ValueError(f"{uri}: column {data_column!r} is {schema.field(data_column).type}, not media bytes or an "
+                         "Audio/Image struct {bytes, path}")
+    return key_column, data_column, kind
+
+
+def _wav_bytes(samples, rate: int) -> bytes:
+    """Decoded float samples -> a float32 WAV (lossless), so that they decode like any file."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(samples, dtype=np.float32), int(rate), format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _media_values(col: pa.Array, kind: str, default_ext: str) -> tuple[list, list[str], list[str | None]]:
+    """(bytes or None per row, ext per row, why-missing per row) of a data column chunk."""
+    n = len(col)
+    if kind == "binary":
+        datas = col.to_pylist()
+        return datas, [default_ext] * n, [None] * n
+    valid = col.is_valid().to_pylist()
+    if kind == "array":
+        arrays, rates = col.field("array").to_pylist(), col.field("sampling_rate").to_pylist()
+        datas = [_wav_bytes(a, r) if v and a is not None and r else None for v, a, r in zip(valid, arrays, rates)]
+        return datas, ["wav"] * n, [None if d is not None else "no samples or sampling_rate" for d in datas]
+    datas = col.field("bytes").to_pylist()
+    paths = col.field("path").to_pylist() if col.type.get_field_index("path") >= 0 else [None] * n
+    exts, why = [], []
+    for v, d, path in zip(valid, datas, paths):
+        ext = path.rsplit(".", 1)[-1].lower() if path and "." in path.rsplit("/", 1)[-1] else ""
+        exts.append(ext if ext in MEDIA_EXTENSIONS else default_ext)
+        why.append(None if v and d is not None else
+                   f"no embedded bytes (path={path!r}); kdpipe reads media stored in the file" if path else None)
+    return [d if v else None for v, d in zip(valid, datas)], exts, why
 
 
 def check_parquet_shard(uri: str, key_column: str | None = None, data_column: str | None = None) -> None:
@@ -189,10 +241,15 @@ def check_parquet_shard(uri: str, key_column: str | None = None, data_column: st
 
 def iter_parquet(uri: str, exts: tuple[str, ...], key_column: str | None = None, data_column: str | None = None,
                  ext_column: str | None = None) -> Iterator[RawSample]:
-    """Samples of a Parquet input shard: one row per sample (key column + bytes column).
+    """Samples of a Parquet input shard: one row per sample.
 
-    The media type is sniffed from the bytes (soundfile/PIL handle any supported container);
-    ``ext`` is taken from ``ext_column`` when given, else the data column's name.
+    The media column is a binary column (the encoded file), or the layout the Hugging Face
+    ``datasets`` library writes for ``Audio`` / ``Image`` features: a struct ``{bytes, path}``
+    (``ext`` from the path's extension), or ``{array, sampling_rate}`` decoded samples. Default:
+    the first binary column, else the first such struct. Keys come from ``key_column`` (default
+    "key"); a file without one gets stable ids "SHARD/ROW" (the shard's name, the row's index
+    zero-padded). The media type is sniffed from the bytes (soundfile/PIL handle any supported
+    container); ``ext`` is taken from ``ext_column`` when given, else the path or the column's name.
     """
     f = storage.open_read(uri)
     try:
@@ -202,24 +259,28 @@ def iter_parquet(uri: str, exts: tuple[str, ...], key_column: str | None = None,
             yield RawSample(f"{shard_name(uri)}#file", error=DecodeError("corrupt_parquet", str(e)))
             return
         try:
-            key_column, data_column = _parquet_columns(pf, uri, key_column, data_column)
+            key_column, data_column, kind = _parquet_columns(pf, uri, key_column, data_column)
         except ValueError as e:  # this shard's columns differ from the first one's (checked up front)
             yield RawSample(f"{shard_name(uri)}#file", error=DecodeError("bad_columns", str(e)))
             return
-        cols = [key_column, data_column] + ([ext_column] if ext_column else [])
+        cols = [data_column] + ([key_column] if key_column else []) + ([ext_column] if ext_column else [])
+        stem = shard_name(uri).replace(".", "_")  # keys never contain "." (WebDataset)
         row = 0
         try:
             for batch in pf.iter_batches(columns=cols, batch_size=256):
-                keys = batch.column(0).to_pylist()
-                datas = batch.column(1).to_pylist()
-                extl = batch.column(2).to_pylist() if ext_column else [data_column] * len(keys)
-                for key, data, ext in zip(keys, datas, extl):
+                datas, extl, why = _media_values(batch.column(data_column), kind, data_column)
+                n = len(datas)
+                keys = batch.column(key_column).to_pylist() if key_column else \
+                    [f"{stem}/{r:06d}" for r in range(row, row + n)]
+                if ext_column:
+                    extl = batch.column(ext_column).to_pylist()
+                for key, data, ext, missing in zip(keys, datas, extl, why):
                     row += 1
                     if key is None:
                         yield RawSample(f"{shard_name(uri)}#row{row - 1}", error=DecodeError("null_key", f"row {row - 1}"))
                         continue
                     if data is None:
-                        yield RawSample(str(key), error=DecodeError("no_media", f"null {data_column!r}"))
+                        yield RawSample(str(key), error=DecodeError("no_media", missing or f"null {data_column!r}"))
                         continue
                     yield RawSample(str(key), ext=str(ext).lower(), data=data, members={str(ext): data})
         except (pa.ArrowInvalid, OSError) as e:

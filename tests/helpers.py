@@ -125,3 +125,20 @@ def assert_topk_matches(ids: np.ndarray, logprobs: np.ndarray, reference: torch.
     np.put_along_axis(others, ids, -np.inf, axis=-1)
     if others.shape[-1] > ids.shape[-1]:
         assert (others.max(-1) <= at_ids[..., -1] + tol).all()
+
+
+def hf_parquet(path, column: str, items: list[tuple[str | None, bytes | None]], feature: str = "Audio",
+               extra: dict | None = None, sampling_rate: int = 16000) -> None:
+    """A Parquet file in the layout the Hugging Face ``datasets`` library writes: the media
+    column a struct {bytes: binary, path: string}, the features in the schema's "huggingface"
+    metadata, no key column unless ``extra`` adds one. items: [(path or None, bytes or None)]."""
+    import json
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    media = pa.array([{"bytes": b, "path": p} for p, b in items], type=struct)
+    cols = {column: media, **{k: pa.array(v) for k, v in (extra or {}).items()}}
+    feat = {"_type": feature, **({"sampling_rate": sampling_rate} if feature == "Audio" else {})}
+    features = {column: feat, **{k: {"dtype": "string", "_type": "Value"} for k in extra or {}}}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    table = pa.table(cols).replace_schema_metadata(meta)
+    pq.write_table(table, path, row_group_size=4)

@@ -19,24 +19,65 @@ from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+RESIZE_MODES = ("shorter", "shortest_edge", "exact")
+RESAMPLE_FILTERS = ("nearest", "nearest-exact", "bilinear", "bicubic", "lanczos", "box", "hamming")
+CROP_OFFSETS = ("floor", "round")
+RESIZE_BACKENDS = ("pil", "torchvision-v2", "torchvision-v1")
+# Fields added after format 1 shipped: left out of to_dict() at their defaults, so the
+# preprocessing dict (and so the fingerprint) of every existing run stays what it was.
+_LATER_DEFAULTS = {"resize_mode": "shorter", "resample": "bilinear", "crop_offset": "floor", "backend": "pil"}
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """resize: shorter side is resized to this; crop: centre crop of crop x crop pixels."""
+    """How an image becomes model input: resize, centre crop (on CPU tasks), normalise (frontend).
+
+    resize, resize_mode: "shorter" (kdpipe's default): the shorter side becomes ``resize``, the
+      other ``round(side * scale)``; "shortest_edge": the same, but the longer side is
+      ``int(resize * long / short)`` (torchvision's ``Resize(int)``, Hugging Face's
+      ``{"shortest_edge": n}``); "exact": both sides become ``resize`` (aspect ratio not kept,
+      Hugging Face's ``{"height": n, "width": n}``, timm's "squash").
+    resample: the filter ("bilinear", "bicubic", "nearest", "nearest-exact", "lanczos", "box", "hamming").
+    crop: centre crop of crop x crop pixels; crop_offset: how the top-left corner is rounded when
+      the margin is odd: "floor" ((H - crop) // 2: kdpipe, Hugging Face) or "round"
+      (``int(round((H - crop) / 2))``: torchvision's ``CenterCrop``, so timm and torchvision presets).
+    backend: which implementation resizes: "pil" (PIL ``Image.resize``: kdpipe, timm, HF's
+      ``*ImageProcessorPil``), "torchvision-v2" (``transforms.v2.functional.resize`` on the uint8
+      tensor with antialias: Hugging Face's default image processors), "torchvision-v1"
+      (``transforms.functional.resize`` on the uint8 tensor: torchvision's ``weights.transforms()``
+      applied to a decoded tensor). They differ by a few grey levels, so a teacher is fed
+      exactly what its own library would give it only with the matching backend.
+    mean, std: applied by ``ImageFrontend`` to x / 255.
+    """
 
     resize: int = 32
     crop: int = 32
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize_mode: str = "shorter"
+    resample: str = "bilinear"
+    crop_offset: str = "floor"
+    backend: str = "pil"
 
     def __post_init__(self):
         if self.resize <= 0 or self.crop <= 0 or self.crop > self.resize:
             raise ValueError(f"image preprocessing needs 0 < crop <= resize, got resize={self.resize} crop={self.crop}")
+        for name, allowed in (("resize_mode", RESIZE_MODES), ("resample", RESAMPLE_FILTERS),
+                              ("crop_offset", CROP_OFFSETS), ("backend", RESIZE_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"image {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.backend != "pil" and self.resample in ("box", "hamming", "lanczos"):
+            raise ValueError(f"image resample {self.resample!r} needs backend 'pil' (torchvision resizes tensors "
+                             "with nearest, bilinear or bicubic)")
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for name, default in _LATER_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return {"modality": "image", **d}
 
     @classmethod
@@ -73,17 +114,59 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Im
         raise DecodeError("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
+_PIL_FILTERS = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+                "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resized_size(w: int, h: int, prep: ImagePreprocessing) -> tuple[int, int]:
+    """(width, height) after the resize step of ``prep`` for a w x h image."""
+    if prep.resize_mode == "exact":
+        return prep.resize, prep.resize
+    if prep.resize_mode == "shortest_edge":
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(prep.resize * long / short)
+        return (prep.resize, new_long) if w <= h else (new_long, prep.resize)
+    scale = prep.resize / min(w, h)
+    return max(prep.crop, round(w * scale)), max(prep.crop, round(h * scale))
+
+
+def _crop_offset(size: int, crop: int, rule: str) -> int:
+    return int(round((size - crop) / 2.0)) if rule == "round" else (size - crop) // 2
+
+
+def _tensor_resize(img: Image.Image, nw: int, nh: int, prep: ImagePreprocessing) -> np.ndarray:
+    """Resize with torchvision on the (3, H, W) uint8 tensor -> (nh, nw, 3) uint8."""
+    try:
+        from torchvision.transforms import InterpolationMode
+        if prep.backend == "torchvision-v2":
+            from torchvision.transforms.v2 import functional as tvf
+        else:
+            from torchvision.transforms import functional as tvf
+    except ImportError:
+        raise ImportError(f"image backend {prep.backend!r} needs torchvision: pip install 'kdpipe[vision]'") from None
+    modes = {"nearest": InterpolationMode.NEAREST, "nearest-exact": InterpolationMode.NEAREST_EXACT,
+             "bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+    t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
+    t = tvf.resize(t, [nh, nw], interpolation=modes[prep.resample], antialias=True)
+    return t.permute(1, 2, 0).numpy()
+
+
 def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """bytes -> (crop, crop, 3) uint8: decode, resize shorter side to prep.resize, centre crop."""
+    """bytes -> (crop, crop, 3) uint8: decode, resize (``prep.resize_mode`` / ``resample`` /
+    ``backend``), centre crop (``prep.crop_offset``)."""
     img = decode_image(data, limits)
     w, h = img.size
-    scale = prep.resize / min(w, h)
-    nw, nh = max(prep.crop, round(w * scale)), max(prep.crop, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - prep.crop) // 2, (nh - prep.crop) // 2
-    img = img.crop((left, top, left + prep.crop, top + prep.crop))
-    return np.asarray(img, dtype=np.uint8)
+    nw, nh = resized_size(w, h, prep)
+    if prep.backend == "pil":
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), _PIL_FILTERS[prep.resample])
+        arr = np.asarray(img, dtype=np.uint8)
+    elif (nw, nh) != (w, h):
+        arr = _tensor_resize(img, nw, nh, prep)
+    else:
+        arr = np.asarray(img, dtype=np.uint8)
+    top, left = _crop_offset(nh, prep.crop, prep.crop_offset), _crop_offset(nw, prep.crop, prep.crop_offset)
+    return arr[top: top + prep.crop, left: left + prep.crop].copy()  # (crop, crop, 3), contiguous, writable
 
 
 class ImageFrontend(nn.Module):

@@ -1,6 +1,6 @@
 """Model specs: how a teacher or student is named, built, loaded and identified.
 
-Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
+Four forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
 
 1. A checkpoint directory written by jobs/train_student.py (``config.json`` +
    ``model.safetensors``), local or ``s3://``: any trained model can teach (self-training).
@@ -10,6 +10,8 @@ Three forms, accepted wherever a SPEC is (``--teacher``, ``--student``):
    ``{factory: ..., kwargs: {...}, weights: ...}``. Weights are a safetensors file or a
    state_dict loaded with ``torch.load(weights_only=True)``: never an arbitrary pickle.
 3. A TorchScript archive (``torch.jit.save``).
+4. Teachers from the ecosystem, as they are: ``hf:PATH``, ``timm:NAME?weights=FILE``,
+   ``torchvision:NAME?weights=FILE``, ``onnx:FILE`` (``pipeline/models/external/``).
 
 Trust (docs/recipes.md, "Security"): a spec string the user typed names its factory, and
 that is the user's decision. A checkpoint is data: the factory its ``config.json`` names is
@@ -35,6 +37,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.fingerprint import canonical_json
+from pipeline.models import external
 from pipeline.models.base import model_info
 
 CHECKPOINT_CONFIG = "config.json"
@@ -45,8 +48,6 @@ OWN_MODELS = "pipeline.models"  # the package whose registered factories a check
 # so a factory spec whose weights live on s3:// is never mistaken for a URL.
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\?.*)?$", re.S)
 MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-# Spec prefixes of teachers from other libraries (docs/recipes.md).
-EXTERNAL_PREFIXES = ("hf:", "timm:", "torchvision:", "onnx:")
 # Seed of a model built without weights when no other seed is asked for: every teacher actor
 # (and every rerun under the same fingerprint) builds the same random teacher.
 TEACHER_INIT_SEED = 0
@@ -58,7 +59,7 @@ class SpecError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """A resolved spec. ``kind`` is "checkpoint", "factory" or "torchscript"."""
+    """A resolved spec. ``kind`` is "checkpoint", "factory", "torchscript" or one of ``external.KINDS``."""
 
     kind: str
     source: str  # checkpoint dir, "module:factory", or TorchScript file
@@ -75,7 +76,9 @@ class ModelSpec:
         return self.source if self.kind == "factory" else None
 
     def describe(self) -> str:
-        return self.source if self.kind != "factory" else f"{self.source}({canonical_json(self.kwargs)})"
+        if self.kind == "factory" or (self.kind in external.KINDS and self.kwargs):
+            return f"{self.source}({canonical_json(self.kwargs)})"
+        return self.source
 
 
 def _parse_value(v: str) -> Any:
@@ -150,8 +153,8 @@ def parse_spec(spec: str | dict, trust=()) -> ModelSpec:
     spec = str(spec).strip()
     if not spec:
         raise SpecError("empty model spec")
-    if spec.startswith(EXTERNAL_PREFIXES):
-        raise SpecError(f"model spec {spec!r}: {spec.split(':', 1)[0]}: teachers are not supported by this kdpipe")
+    if external.is_external(spec):  # hf: timm: torchvision: onnx: (typed by the user: trusted as typed)
+        return external.parse(spec)
     if FACTORY_RE.match(spec):
         target, _, query = spec.partition("?")
         kwargs = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
@@ -188,7 +191,9 @@ def absolute_spec(spec: str | dict | None) -> str | dict | None:
             return {**spec, "weights": storage.absolute(str(spec["weights"]))}
         return spec
     text = str(spec).strip()
-    if text.startswith(EXTERNAL_PREFIXES) or not FACTORY_RE.match(text):
+    if external.is_external(text):
+        return external.absolute(text)
+    if not FACTORY_RE.match(text):
         return storage.absolute(text) if not storage.is_remote(text) and os.path.exists(text) else spec
     target, sep, query = text.partition("?")
     if not sep:
@@ -283,6 +288,8 @@ def build_model(spec: ModelSpec, load_weights: bool = True, seed: int = TEACHER_
     teachers keep the default, so every actor builds the same random teacher; a student passes
     its --seed, so two seeds give two initialisations and one seed always the same.
     """
+    if spec.kind in external.KINDS:
+        return external.build(spec)
     if spec.kind == "torchscript":
         return torch.jit.load(io.BytesIO(storage.read_bytes(spec.source)), map_location="cpu")
     target = spec.factory
@@ -311,6 +318,8 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
 
     if spec.kind == "torchscript":
         return {"kind": "torchscript", "sha256": file_digest(spec.source)}
+    if spec.kind in external.KINDS:
+        return external.identity(spec)
     target = spec.factory
     return {
         "kind": "module",
@@ -326,6 +335,8 @@ def describe_model(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
     out = {"modality": info.modality, "level": info.level, "num_classes": info.num_classes,
            "frame_shift_ms": info.frame_shift_ms, "preprocessing": None, "class_names": None}
+    if spec.kind in external.KINDS:
+        out.update(external.describe(spec, model))
     if spec.config:
         for key in out:
             if spec.config.get(key) is not None:

@@ -172,6 +172,7 @@ class Manifest:
     created: str = field(default_factory=now_iso)
     updated: str = field(default_factory=now_iso)
     runs: list[dict[str, Any]] = field(default_factory=list)  # one summary per pseudo-label run
+    input_options: dict[str, Any] = field(default_factory=dict)  # how Parquet inputs were read (key/data column)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     shards: dict[str, ShardRecord] = field(default_factory=dict, compare=False)

@@ -161,6 +161,9 @@ class RunWriter:
         if existing.encoding != manifest.encoding:
             raise FormatError(f"{where}: this run is encoded as {existing.encoding}, not {manifest.encoding}; "
                               "use the same --format or a new --output")
+        if existing.input_options != manifest.input_options:
+            raise FormatError(f"{where}: this run read its Parquet inputs with {existing.input_options}, not "
+                              f"{manifest.input_options}; use the same --key-column / --data-column or a new --output")
 
     # -- planning -----------------------------------------------------------------------
     def plan_inputs(self, refs: list, verify: bool = False) -> InputPlan:

@@ -125,14 +125,17 @@ class ShardRows:
     """
 
     def __init__(self, data: DataPlan, run_uri: str | None = None, facts: RunFacts | None = None,
-                 parquet_options: dict | None = None):
+                 parquet_options: dict | None = None, pool_options: dict | None = None):
+        """parquet_options: how labeled / raw Parquet shards are read (key_column, data_column);
+        pool_options: how the teacher run read its inputs (the manifest's input_options)."""
         self.data = data
         self.prep = data.preprocessing
         self.exts = media_extensions(data.modality)
         self.run_uri, self.facts = run_uri, facts
         self.schema = train_schema(data)
         self.types = teacher_types(data)
-        self.parquet_options = parquet_options or {}
+        self.parquet_options = {k: v for k, v in (parquet_options or {}).items() if v is not None}
+        self.pool_options = dict(pool_options or {})
         self.student_shift = data.frame_shift_ms or data.label_frame_shift_ms
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
@@ -171,10 +174,10 @@ class ShardRows:
             frames = frames[int(bounds[0] * per_sample): int(np.ceil(bounds[1] * per_sample))]
         return resample_frame_labels(frames, self.data.label_frame_shift_ms, self.student_shift).astype(np.int16)
 
-    def _samples(self, uri: str):
+    def _samples(self, uri: str, options: dict):
         """(raw sample, pieces or the DecodeError) for every sample of the shard, one rule for
         duplicates (pipeline.inputs.iter_shard)."""
-        for raw in iter_shard(uri, self.exts, self.data.limits, **self.parquet_options):
+        for raw in iter_shard(uri, self.exts, self.data.limits, **options):
             if raw.error is not None:
                 yield raw, raw.error
                 continue
@@ -187,7 +190,7 @@ class ShardRows:
         """Decoded samples with their labels; require_labels=False also takes unlabeled ones."""
         skipped: dict[str, int] = {}
         block = _Block()
-        for raw, pieces in self._samples(uri):
+        for raw, pieces in self._samples(uri, self.parquet_options):
             try:
                 if isinstance(pieces, DecodeError):
                     raise pieces
@@ -235,7 +238,7 @@ class ShardRows:
             sub.labels = [-1] * len(keep)
             return self._table(sub, PSEUDO, targets.take(pa.array(take)))
 
-        for raw, pieces in self._samples(uri):
+        for raw, pieces in self._samples(uri, self.pool_options):
             if isinstance(pieces, DecodeError):
                 if raw.member_error or raw.key in err_keys:
                     continue  # the teacher run quarantined the same, by the same rule

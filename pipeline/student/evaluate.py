@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--actors", type=int, default=1, help="model actors")
     p.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
+    p.add_argument("--key-column", default=None, help="Parquet labeled inputs: column of sample keys (default 'key')")
+    p.add_argument("--data-column", default=None, help="Parquet labeled inputs: media column (default: the first)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when the cluster has one")
     p.add_argument("--address", default=None, help="Ray cluster address; default: $RAY_ADDRESS, else embedded local Ray")
     add_limit_flags(p)
@@ -162,7 +164,9 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: So
     init_ray(args.address)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(args.device)
-    rows = ShardRows(data, soft_run.uri if soft_run else None, soft_run.facts if soft_run else None)
+    rows = ShardRows(data, soft_run.uri if soft_run else None, soft_run.facts if soft_run else None,
+                     {"key_column": args.key_column, "data_column": args.data_column},
+                     soft_run.manifest.input_options if soft_run else None)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size, batch_format="pyarrow",

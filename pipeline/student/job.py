@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mixing); makes epochs over a small labeled set longer and cheaper")
     g.add_argument("--eval", nargs="+", metavar="URI", default=None, help="labeled shards evaluated after every epoch")
     g.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
+    g.add_argument("--key-column", default=None,
+                   help="Parquet --labeled / --eval / online --input shards: column of sample keys (the soft-target "
+                        "run's own inputs are read the way pseudo_label.py read them)")
+    g.add_argument("--data-column", default=None, help="Parquet --labeled / --eval / online --input shards: media column")
     g.add_argument("--shuffle-buffer", type=int, default=512, help="rows in each worker's local shuffle buffer (0: off)")
     g = p.add_argument_group("model")
     g.add_argument("--student", required=True, metavar="SPEC",
@@ -147,8 +151,9 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
         manifest = run.manifest
     try:
         student = parse_spec(args.student, trust)
-        if student.kind == "torchscript":
-            raise ConfigError(f"--student {args.student}: a TorchScript file cannot be trained; use module:factory")
+        if student.kind not in ("factory", "checkpoint"):
+            raise ConfigError(f"--student {args.student}: a {student.kind} model cannot be trained by kdpipe (it can "
+                              "teach); give a 'package.module:factory' spec or a kdpipe checkpoint")
         model = build_model(student)
     except SpecError as e:
         raise ConfigError(f"--student: {e}") from None
@@ -379,7 +384,9 @@ def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache:
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             raise SystemExit(msg)  # a fixed local Ray would wait forever
         print(f"[train] warning: {msg}, unless the cluster autoscales", flush=True)
-    rows = ShardRows(sp.data, cache.uri if cache else None, cache.facts if cache else None)
+    rows = ShardRows(sp.data, cache.uri if cache else None, cache.facts if cache else None,
+                     {"key_column": args.key_column, "data_column": args.data_column},
+                     cache.manifest.input_options if cache else None)
 
     def dataset(items: list[dict], shuffle: bool, seed: int):
         ds = ray.data.from_items(items, override_num_blocks=len(items))

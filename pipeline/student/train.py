@@ -131,6 +131,12 @@ def data_error(e: BaseException) -> str | None:
     return None
 
 
+def initial_model(plan: StudentPlan) -> torch.nn.Module:
+    """The student before training: drawn under --seed (the same on every rank; DDP also
+    broadcasts rank 0's), or the weights of the student checkpoint it starts from."""
+    return build_model(parse_spec(plan.student, plan.trust), seed=plan.optim.seed)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point; ``config["plan"]`` is the job's StudentPlan."""
     import ray.train
@@ -144,9 +150,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(optim.seed + rank)  # dropout and augmentation differ per rank
 
-    # The initial weights follow --seed (the same on every rank; DDP also broadcasts rank 0's),
-    # or come from the student checkpoint.
-    model = build_model(parse_spec(plan.student, plan.trust), seed=optim.seed).to(device)
+    model = initial_model(plan).to(device)
     opt = make_optimizer(model.parameters(), optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, optim.warmup_steps, optim.total_steps, optim.min_lr_ratio))

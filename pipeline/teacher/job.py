@@ -40,11 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, metavar="URI", help="run directory for the soft-target cache (local or s3://)")
     g.add_argument("--modality", choices=["audio", "image"], default=None,
                    help="input modality; default: from the teacher, else sniffed from the first shard's members")
-    g.add_argument("--key-column", default=None, help="Parquet inputs: column holding sample keys (default 'key')")
-    g.add_argument("--data-column", default=None, help="Parquet inputs: column holding media bytes (default: first binary column)")
+    g.add_argument("--key-column", default=None,
+                   help="Parquet inputs: column holding sample keys (default 'key'; without one: ids SHARD/ROW)")
+    g.add_argument("--data-column", default=None,
+                   help="Parquet inputs: column holding media bytes or a datasets Audio/Image struct {bytes, path} "
+                        "(default: first binary column, else first such struct)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", action="append", required=True, metavar="SPEC",
-                   help="checkpoint dir, 'package.module:factory?kwarg=value&weights=FILE', or TorchScript file; "
+                   help="checkpoint dir, 'package.module:factory?kwarg=value&weights=FILE', TorchScript file, "
+                        "hf:DIR, timm:NAME?weights=FILE, torchvision:NAME?weights=FILE or onnx:FILE (docs/recipes.md); "
                         "repeat for an ensemble (averaged in probability space)")
     g.add_argument("--level", choices=["utterance", "frame"], default=None,
                    help="soft targets per utterance/image or per frame; default: from the teacher's output shape")
@@ -91,7 +95,7 @@ def run(argv=None) -> int:
             except ValueError as e:
                 raise ConfigError(f"--input: {e}") from None
         plan = plan_teacher(args, refs[0].uri)
-        writer = RunWriter(args.output, plan.manifest(ex.encoding))
+        writer = RunWriter(args.output, plan.manifest(ex.encoding, ex.parquet_options))
     except early as e:
         parser.error(str(e))
     try:

@@ -37,9 +37,10 @@ class TeacherPlan:
     teacher: dict = field(compare=False)  # specs, identities, ensemble rule (manifest "teacher")
     fingerprint: str = ""
 
-    def manifest(self, encoding: str) -> Manifest:
+    def manifest(self, encoding: str, input_options: dict | None = None) -> Manifest:
         """A new run's manifest for this plan."""
         return Manifest(
+            input_options={k: v for k, v in (input_options or {}).items() if v is not None},
             fingerprint=self.fingerprint, teacher=self.teacher, modality=self.modality, level=self.level,
             preprocessing=self.preprocessing.to_dict(), k=self.k, num_classes=self.num_classes, encoding=encoding,
             id_dtype=str(id_dtype(self.num_classes)), frame_shift_ms=self.frame_shift_ms,
