@@ -10,8 +10,8 @@
 - ``run_job``: runs a kdpipe job in a child process (a fresh Ray each time), sampled by a
   TreeSampler, and returns its summary line, its output and the samples.
 
-Child mode (``pseudo-label``) runs pipeline.teacher.job.run with a ShardCollector that also
-timestamps every result batch the driver receives, and writes the marks to MARKS.json.
+Child mode (``pseudo-label``) runs pipeline.teacher.job.run with a ShardTracker subclass that
+also timestamps every record batch the driver receives, and writes the marks to MARKS.json.
 """
 
 from __future__ import annotations
@@ -350,42 +350,33 @@ def timeline_summary(timeline_path: str, start_wall: float) -> list[tuple[str, f
 
 
 def _child_pseudo_label(marks_path: str, argv: list[str]) -> int:
-    """pipeline.teacher.job.run(argv) with every result batch's arrival time recorded."""
-    import pyarrow.compute as pc
-
+    """pipeline.teacher.job.run(argv) with every record batch's arrival time recorded (through
+    the job's own seam: a ShardTracker subclass drains the dataset)."""
     import pipeline.teacher.job as job
-    from pipeline.teacher.collect import ShardCollector
-    from pipeline.teacher.decode import SAMPLE
+    from pipeline.teacher.accounting import PART
+    from pipeline.teacher.commit import ShardTracker
 
     batches: list[list[float]] = []
     start: list[float] = []
+    seen: list = []
 
-    class TimedCollector(ShardCollector):
-        def add(self, batch):
+    class TimedTracker(ShardTracker):
+        def add(self, records):
             now = time.monotonic()
             if not start:
                 start.append(self.progress.start)  # set by progress.restart() when the pipeline starts
                 start.append(time.time() - (now - self.progress.start))  # the same instant, wall clock
-            batches.append([now - start[0], int(pc.sum(pc.equal(batch.column("kind"), SAMPLE)).as_py() or 0)])
-            super().add(batch)
+                seen.append(self)
+            kinds = records.column("kind").to_pylist()
+            rows = sum(r for r, k in zip(records.column("rows").to_pylist(), kinds) if k == PART)
+            batches.append([now - start[0], rows])
+            super().add(records)
 
-    # Keep the dataset the job iterates, to print Ray Data's own per-operator stats afterwards.
-    import ray.data
-
-    seen: list = []
-    orig_iter = ray.data.Dataset.iter_batches
-
-    def iter_batches(self, *a, **kw):
-        seen.append(self)
-        return orig_iter(self, *a, **kw)
-
-    ray.data.Dataset.iter_batches = iter_batches
-    job.ShardCollector = TimedCollector
-    rc = job.run(argv)
+    rc = job.run(argv, tracker_cls=TimedTracker)
     stats = ""
-    if seen:
+    if seen and seen[0].dataset is not None:
         try:
-            stats = seen[-1].stats()
+            stats = seen[0].dataset.stats()
         except Exception as e:  # stats are a diagnostic; never fail the run for them
             stats = f"(no stats: {type(e).__name__}: {e})"
     timeline = os.environ.get("KDPIPE_BENCH_TIMELINE")

@@ -1,14 +1,23 @@
 # python bench/student_throughput.py --preset cpu-small
-"""Student training throughput: hard labels vs cached soft targets vs online distillation.
+"""Student training throughput: the pipeline vs a pure train step; hard labels vs cached soft
+targets vs online distillation.
 
-    python bench/student_throughput.py --preset cpu-small              # CPU, a few minutes
+    python bench/student_throughput.py --preset cpu-step               # CPU: a step-dominated student
+    python bench/student_throughput.py --preset tiny-image             # CPU: 100k 8x8 images, input-bound
+    python bench/student_throughput.py --preset cpu-small              # CPU: hard vs soft vs online
     python bench/student_throughput.py --preset gpu-speech             # GPU box: wav2vec2-large teacher
     python bench/student_throughput.py --preset gpu-image              # GPU box: ViT-B/16 teacher
     python bench/student_throughput.py --preset gpu-speech --smoke     # tiny sizes: checks it runs (CPU ok)
 
 One run, one machine, the same student, batch size and clips:
-  0. builds a labeled corpus (FLAC or JPEG in WebDataset tars, with .cls or .frames.npy labels)
-     and its soft-target cache (jobs/pseudo_label.py with the preset's teacher);
+  0. builds a labeled corpus (FLAC, JPEG or PNG in WebDataset tars, with .cls or .frames.npy
+     labels) and its soft-target cache (jobs/pseudo_label.py with the preset's teacher);
+  pure: the student's train step (pipeline.models.runner + the job's StepLoss + AdamW) over
+     batches from the cache already collated in memory, same device and torch threads as a
+     training worker; timed before and after the runs below (wall, and CPU per sample);
+  input path: ShardRows (read the soft-target shard, decode the input shard, join) + collate,
+     in this process, CPU per sample; next to the teacher stage's decode task on the same
+     shards (pipeline.teacher.decode), the floor any input path pays;
   (a) jobs/train_student.py --labeled CORPUS                 hard labels only
   (b) jobs/train_student.py --soft-targets CACHE             the cached soft targets
   (c) jobs/train_student.py --online-teacher T --input CORPUS  the teacher in the training loop
@@ -16,10 +25,8 @@ Each run is a child process with a fresh local Ray; throughput is read from OUTP
 (samples_per_s per epoch) and the steady state is the mean over the epochs after the first
 (the first pays for worker start-up and the first dataset execution).
 
-Expectation for (b)/(c): the training loop is compute-bound, so (b)/(c) should be about
-(student step + teacher forward) / student step per sample; both are measured in-process
-here (same device, same threads) and printed next to the result.
-The last line is ``soft_over_hard=R1 soft_over_online=R2``.
+The last lines are ``soft_over_hard=R1 soft_over_online=R2`` and ``ratio=R``: (b)'s steady
+throughput / the pure train step's (wall); target >= 0.9 for a step-dominated student.
 """
 
 from __future__ import annotations
@@ -40,6 +47,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import REPO, audio_pool, image_pool, mib, run_job, write_corpus  # noqa: E402
 
 PRESETS = {
+    # A step-dominated student: the audio CNN at width 32 trains at ~10 ms of CPU per ~1 s clip,
+    # ~20x what decoding the clip costs, so the input path has ample time to keep up.
+    "cpu-step": dict(
+        modality="audio", seconds=(0.8, 1.2), pool=128, shards=16, per_shard=128, num_classes=10, frame_labels=None,
+        teacher="pipeline.models.zoo:audio_cnn?width=32", student="pipeline.models.zoo:audio_cnn?width=32",
+        batch_size=64, epochs=3, top_k=5, prep=[], device="cpu", workers=1, cpus_per_worker=1.0,
+        runs=["soft"], smoke=dict(shards=2, per_shard=32, epochs=2, step_seconds=1.0),
+    ),
+    # Input-bound by design: 100,000 8x8 PNGs and a 1.2k-parameter CNN (issue 10's case). What
+    # matters is the input path's CPU per sample next to the teacher stage's decode of the same images.
+    "tiny-image": dict(
+        modality="image", image_png=8, pool=4096, shards=100, per_shard=1000, num_classes=10, frame_labels=None,
+        teacher="pipeline.models.zoo:image_cnn?width=4", student="pipeline.models.zoo:image_cnn?width=4",
+        batch_size=512, epochs=2, top_k=5, prep=["--image-resize", "8", "--image-crop", "8"], device="cpu",
+        workers=1, cpus_per_worker=1.0, runs=["soft"],
+        smoke=dict(shards=4, per_shard=500, epochs=2, step_seconds=1.0),
+    ),
     # Utterance-level audio CNNs over log-mel of ~1 s clips. Per sample on one core: student
     # train step ~2.5 ms, teacher forward ~3 ms, so (b)/(c) should come out near 2.
     "cpu-small": dict(
@@ -114,86 +138,140 @@ def resolve(args) -> dict:
     return cfg
 
 
-def in_process_costs(cfg: dict, pool, device: str, threads: int, precision: str) -> dict:
-    """Per-sample cost of one student train step and of one teacher forward (+ top-k), on
-    the same device and threads as a training worker, on decoded clips from the corpus."""
-    import torch
-
+def _prep(cfg: dict) -> dict:
     from pipeline.cli import add_preprocessing_flags, resolve_preprocessing
-    from pipeline.models.base import output_lengths
-    from pipeline.models.spec import build_model, parse_spec
-    from pipeline.modalities import make_frontend, prepare, preprocessing_from_dict
-    from pipeline.softtargets import topk_from_logits
-    from pipeline.teacher.predictor import Teacher
 
-    torch.set_num_threads(threads)
     p = argparse.ArgumentParser()
     add_preprocessing_flags(p)
-    prep = resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
-    pp = preprocessing_from_dict(prep)
+    return resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
+
+
+def teacher_forward_cost(cfg: dict, pool, device: str, threads: int, precision: str) -> float:
+    """Seconds per sample of the online teacher's forward + top-k (what (c) adds per step)."""
+    import torch
+
+    from pipeline.modalities import prepare, preprocessing_from_dict
+    from pipeline.modalities.payload import payload_array
+    from pipeline.softtargets import topk_from_logits
+    from pipeline.teacher.predictor import load_teacher
+
+    torch.set_num_threads(threads)
+    pp = preprocessing_from_dict(_prep(cfg))
     B = cfg["batch_size"]
-    arrays = [prepare(pool[i % len(pool)][0], pp)[0][1] for i in range(B)]
-    dev = torch.device(device)
-    if cfg["modality"] == "audio":
-        lens = torch.tensor([a.shape[0] for a in arrays])
-        x = torch.zeros(B, int(lens.max()))
-        for i, a in enumerate(arrays):
-            x[i, : a.shape[0]] = torch.from_numpy(a)
-        x, lens = x.to(dev), lens.to(dev)
-    else:
-        x, lens = torch.from_numpy(np.stack(arrays)).to(dev), None
+    col = payload_array([prepare(pool[i % len(pool)][0], pp)[0][1] for i in range(B)], pp)
+    runner = load_teacher([cfg["teacher"]], (), pp, precision, device)
+    x, lens = runner.to_device(col)
+
+    def fwd():
+        topk_from_logits(runner.predict(x, lens).logits[0], cfg["top_k"])
+
+    return _timed(fwd, cfg["step_seconds"], device) / B
+
+
+def _timed(fn, seconds: float, device: str) -> float:
+    """Seconds per call: CPU time of this process on CPU (robust to other load on a shared
+    machine; one thread, as a worker has), wall time with synchronisation on CUDA."""
+    import torch
+
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)) \
-        if device == "cuda" and precision != "fp32" else None
+    for _ in range(2):
+        fn()
+    sync()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    sync()
+    return (time.process_time() - c0 if device == "cpu" else time.perf_counter() - t0) / n
 
-    def timed(fn, seconds: float) -> float:
-        """Seconds per sample: CPU time of this process on CPU (robust to other load on a shared
-        machine; one thread, as a worker has), wall time with synchronisation on CUDA."""
-        for _ in range(2):
-            fn()
-        sync()
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            n += 1
-        sync()
-        spent = time.process_time() - c0 if device == "cpu" else time.perf_counter() - t0
-        return spent / (n * B)
 
-    torch.manual_seed(0)
-    student = build_model(parse_spec(cfg["student"])).to(dev).train()
-    frontend = make_frontend(pp).to(dev)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+def cache_batches(cache: str, cfg: dict, max_rows: int) -> tuple:
+    """(DataPlan, collated batches of the cache's first shards, input-path CPU per sample,
+    teacher-stage decode CPU per sample), all in this process, one core."""
+    import pyarrow as pa
+
+    from pipeline.shards import SoftTargetRun
+    from pipeline.student.data import ShardRows, collate
+    from pipeline.student.plan import DataPlan
+    from pipeline.modalities import preprocessing_from_dict
+    from pipeline.teacher.decode import DecodeShards
+
+    run = SoftTargetRun(cache)
+    m = run.manifest
+    prep = preprocessing_from_dict(m.preprocessing)
+    data = DataPlan(modality=m.modality, level=m.level, preprocessing=prep, num_classes=m.num_classes, stored_k=m.k,
+                    frame_shift_ms=m.frame_shift_ms)
+    rows = ShardRows(data, run.uri, run.facts)
+    names, n = [], 0
+    for name in run.shard_names:
+        names.append(name)
+        n += run.record(name).rows
+        if n >= max_rows:
+            break
+
+    def student_input():
+        tables = []
+        for name in names:
+            rec = run.record(name)
+            tables += list(rows.pseudo(name, rec.input, rec))
+        t = pa.concat_tables(tables)
+        B = cfg["batch_size"]
+        return [collate(t.slice(i, B), data) for i in range(0, t.num_rows - B + 1, B)] or [collate(t, data)], t.num_rows
+
+    def decode():
+        dec = DecodeShards(prep)
+        return sum(tb.num_rows for name in names for tb in dec.shard(name, run.record(name).input))
+
+    student_input(), decode()  # warm: imports, page cache
+    c0 = time.process_time()
+    batches, n_rows = student_input()
+    input_s = (time.process_time() - c0) / n_rows
+    c0 = time.process_time()
+    n_dec = decode()
+    decode_s = (time.process_time() - c0) / n_dec
+    return data, batches, input_s, decode_s
+
+
+def pure_step(cfg: dict, data, batches: list, device: str, threads: int, precision: str) -> dict:
+    """The student's train step over batches already in memory: the pieces train_loop uses
+    (seeded init, ModelRunner, StepLoss, AdamW, the same precision), nothing of the input path.
+    Returns samples/s (wall) and CPU ms per sample."""
+    import torch
+
+    from pipeline.models.runner import ModelRunner
+    from pipeline.models.spec import build_model, parse_spec
+    from pipeline.student.plan import LossPlan
+    from pipeline.student.train import StepLoss
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model = build_model(parse_spec(cfg["student"]), seed=0).to(dev).train()
+    runner = ModelRunner([model], data.preprocessing, dev, precision)
+    loss_fn = StepLoss(LossPlan(loss="kl", alpha=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    on_dev = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    i = [0]
 
     def step():
-        import contextlib
-
-        with amp() if amp else contextlib.nullcontext():
-            feats, flen = frontend(x, lens)
-            out = student(feats, flen) if flen is not None else student(feats)
-            if out.dim() == 3:  # frame level: CE on every valid frame
-                s_len = output_lengths(student, flen, feats.shape[1], out.shape[1])
-                valid = torch.arange(out.shape[1], device=dev)[None] < s_len[:, None]
-                loss = torch.nn.functional.cross_entropy(out[valid].float(), torch.zeros(int(valid.sum()), dtype=torch.long,
-                                                                                        device=dev))
-            else:
-                loss = torch.nn.functional.cross_entropy(out.float(), torch.zeros(B, dtype=torch.long, device=dev))
+        b = on_dev[i[0] % len(on_dev)]
+        i[0] += 1
+        out = runner.forward(b["x"], b.get("lengths"))
+        loss, _ = loss_fn(out.logits[0], out.frames, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    student_s = timed(step, cfg["step_seconds"])
-    del student, opt
-    teacher = Teacher([cfg["teacher"]], prep, precision, device)
-
-    def fwd():
-        outs, _ = teacher.forward(x, lens)
-        topk_from_logits(outs[0], cfg["top_k"])
-
-    teacher_s = timed(fwd, cfg["step_seconds"])
-    del teacher
-    return {"student_step_ms": 1e3 * student_s, "teacher_forward_ms": 1e3 * teacher_s,
-            "expected_soft_over_online": (student_s + teacher_s) / student_s, "threads": threads, "device": device}
+    for _ in range(3):
+        step()
+    sync()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < cfg["step_seconds"]:
+        step()
+        n += int(on_dev[(i[0] - 1) % len(on_dev)]["x"].shape[0])
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"samples_per_s": n / wall, "cpu_ms_per_sample": 1e3 * cpu / n, "samples": n, "seconds": wall}
 
 
 def train_argv(cfg: dict, args, out: str) -> list[str]:
@@ -223,6 +301,7 @@ def train_once(cfg: dict, args, work: str, name: str, extra: list[str], rep: int
             "steady_wall": sum(h["seconds"] for h in later), "epochs": len(hist), "wall": r.wall, "steady_cpu": cpu,
             "worker_cpu_ms": role_ms("RayTrainWorker"), "data_cpu_ms": role_ms("ShardRows"),
             "samples_per_epoch": hist[-1]["samples"], "loss": hist[-1]["loss"],
+            "data_wait_share": hist[-1].get("data_wait_share"),
             "peak_driver_rss": r.tree.peak_driver_rss, "peak_worker_rss": r.tree.peak_worker_rss,
             "cpu_by_role": r.tree.cpu_by_role}
 
@@ -242,7 +321,8 @@ def aggregate(runs: list[dict]) -> dict:
             "steady_cpu": dict(sorted(cpu.items(), key=lambda kv: -kv[1])), "wall": sum(r["wall"] for r in runs),
             "peak_driver_rss": max(r["peak_driver_rss"] for r in runs),
             "peak_worker_rss": max(r["peak_worker_rss"] for r in runs), "repeats": len(runs),
-            "loss": runs[-1]["loss"], "samples_per_epoch": runs[-1]["samples_per_epoch"]}
+            "loss": runs[-1]["loss"], "samples_per_epoch": runs[-1]["samples_per_epoch"],
+            "data_wait_share": runs[-1]["data_wait_share"]}
 
 
 def epochs_done(metrics_path: str) -> int:
@@ -277,7 +357,7 @@ def main(argv=None) -> int:
     cfg = resolve(args)
     work = args.workdir or tempfile.mkdtemp(prefix="kdpipe-bench-student-")
     os.makedirs(work, exist_ok=True)
-    runs = args.only or ["hard", "soft", "online"]
+    runs = args.only or cfg.get("runs") or ["hard", "soft", "online"]
     results: dict = {"preset": args.preset, "smoke": args.smoke, "cpus": os.cpu_count(),
                      "config": {k: v for k, v in cfg.items() if k != "smoke"}}
     try:
@@ -293,6 +373,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if cfg["modality"] == "audio":
             pool, ext = audio_pool(cfg["pool"], cfg["seconds"]), "flac"
+        elif cfg.get("image_png"):
+            from teacher_driver import png_pool
+
+            pool, ext = png_pool(cfg["pool"]), "png"
         else:
             pool, ext = image_pool(cfg["pool"], cfg["image_size"]), "jpg"
         corpus = write_corpus(os.path.join(work, "corpus"), pool, ext, cfg["shards"], cfg["per_shard"],
@@ -300,50 +384,65 @@ def main(argv=None) -> int:
         print(f"[bench] corpus: {len(corpus.shards)} shards, {corpus.samples:,} labeled samples, "
               f"{corpus.bytes / 2**20:,.1f} MiB ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-        costs = in_process_costs(cfg, pool, device, threads, args.precision)
-        results["in_process"] = costs
-        print(f"[bench] in-process, per sample: student train step {costs['student_step_ms']:.2f} ms, teacher forward "
-              f"{costs['teacher_forward_ms']:.2f} ms -> expected soft/online ~{costs['expected_soft_over_online']:.2f}",
-              flush=True)
-
         cache = os.path.join(work, "cache")
-        if "soft" in runs:
-            cmd = [sys.executable, os.path.join(REPO, "jobs", "pseudo_label.py"), "--input", corpus.root,
-                   "--output", cache, "--teacher", cfg["teacher"], "--top-k", str(cfg["top_k"]),
-                   "--batch-size", str(cfg["batch_size"]), "--device", device, "--precision", args.precision,
-                   "--progress-interval", "60", *cfg["prep"]]
-            r = run_job(cmd, os.path.join(work, "pseudo_label.log"))
-            if r.rc != 0 or r.summary is None:
-                print(r.output[-6000:], file=sys.stderr)
-                raise SystemExit(f"pseudo-label failed (exit {r.rc})")
-            results["cache"] = r.summary
-            print(f"[bench] soft-target cache: {r.summary['samples']:,} samples, {r.summary['bytes_written']:,} bytes, "
-                  f"teacher stage {r.summary['samples_per_s']:,.1f} samples/s", flush=True)
+        cmd = [sys.executable, os.path.join(REPO, "jobs", "pseudo_label.py"), "--input", corpus.root,
+               "--output", cache, "--teacher", cfg["teacher"], "--top-k", str(cfg["top_k"]),
+               "--batch-size", str(cfg["batch_size"]), "--device", device, "--precision", args.precision,
+               "--progress-interval", "60", *cfg["prep"]]
+        r = run_job(cmd, os.path.join(work, "pseudo_label.log"))
+        if r.rc != 0 or r.summary is None:
+            print(r.output[-6000:], file=sys.stderr)
+            raise SystemExit(f"pseudo-label failed (exit {r.rc})")
+        results["cache"] = r.summary
+        print(f"[bench] soft-target cache: {r.summary['samples']:,} samples, {r.summary['bytes_written']:,} bytes, "
+              f"teacher stage {r.summary['samples_per_s']:,.1f} samples/s", flush=True)
+
+        torch.set_num_threads(threads)
+        data, batches, input_s, decode_s = cache_batches(cache, cfg, max_rows=max(8 * cfg["batch_size"], 2000))
+        costs = {"input_cpu_ms": 1e3 * input_s, "decode_cpu_ms": 1e3 * decode_s, "input_over_decode": input_s / decode_s,
+                 "threads": threads, "device": device}
+        costs["pure_before"] = pure_step(cfg, data, batches, device, threads, args.precision)
+        print(f"[bench] in-process, per sample: input path (read cache + decode + join + collate) "
+              f"{costs['input_cpu_ms']:.3f} ms CPU, the teacher stage's decode {costs['decode_cpu_ms']:.3f} ms "
+              f"({costs['input_over_decode']:.2f}x); pure train step {costs['pure_before']['samples_per_s']:,.1f} "
+              f"samples/s ({costs['pure_before']['cpu_ms_per_sample']:.3f} ms CPU)", flush=True)
+        if "online" in runs:
+            costs["teacher_forward_ms"] = 1e3 * teacher_forward_cost(cfg, pool, device, threads, args.precision)
+            step_ms = costs["pure_before"]["cpu_ms_per_sample"]
+            costs["expected_soft_over_online"] = (step_ms + costs["teacher_forward_ms"]) / step_ms
+        results["in_process"] = costs
 
         extra = {"hard": ["--labeled", corpus.root],
                  "soft": ["--soft-targets", cache, "--top-k", str(cfg["top_k"])],
                  "online": ["--online-teacher", cfg["teacher"], "--input", corpus.root, "--top-k", str(cfg["top_k"])]}
-        table = {}
         order = [n for rep in range(args.repeats) for n in (runs if rep % 2 == 0 else runs[::-1])]
         done: dict[str, list] = {}
-        for i, name in enumerate(order):
+        for name in order:
             one = train_once(cfg, args, work, name, extra[name], len(done.get(name, [])))
             done.setdefault(name, []).append(one)
             print(f"[bench] {name:<6} per epoch {', '.join(f'{v:,.1f}' for v in one['per_epoch'])} samples/s; "
                   f"steady {one['steady']:,.1f} samples/s ({one['wall']:.0f} s in all)", flush=True)
         table = {name: aggregate(done[name]) for name in runs}
         results["runs"] = table
+        costs["pure_after"] = pure_step(cfg, data, batches, device, threads, args.precision)
+        pure = (costs["pure_before"]["samples_per_s"] + costs["pure_after"]["samples_per_s"]) / 2
+        costs["pure_samples_per_s"] = pure
         report(cfg, costs, table)
         ratios = {}
         if "soft" in table and "hard" in table:
             ratios["soft_over_hard"] = table["soft"]["steady"] / table["hard"]["steady"]
         if "soft" in table and "online" in table:
             ratios["soft_over_online"] = table["soft"]["steady"] / table["online"]["steady"]
+        if "soft" in table:
+            ratios["ratio"] = table["soft"]["steady"] / pure
         results["ratios"] = ratios
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)
-        print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()) or "no ratio (see --only)")
+        others = " ".join(f"{k}={v:.2f}" for k, v in ratios.items() if k != "ratio")
+        if others:
+            print(others)
+        print(f"ratio={ratios['ratio']:.3f}" if "ratio" in ratios else "no ratio (needs the soft run)")
         return 0
     finally:
         if not args.keep and not args.workdir:
@@ -353,11 +452,17 @@ def main(argv=None) -> int:
 def report(cfg: dict, costs: dict, table: dict) -> None:
     print(f"\n== student {cfg['student']}  batch {cfg['batch_size']}  {cfg['workers']} worker(s)  device {cfg['device']}  "
           f"({os.cpu_count()} CPUs)")
+    pb, pa_ = costs["pure_before"], costs["pure_after"]
+    print(f"  pure train step (batches in memory)  {pb['samples_per_s']:,.1f} before, {pa_['samples_per_s']:,.1f} after "
+          f"the runs: {costs['pure_samples_per_s']:,.1f} samples/s ({pb['cpu_ms_per_sample']:.3f} / "
+          f"{pa_['cpu_ms_per_sample']:.3f} ms CPU per sample)")
+    print(f"  input path, in process   {costs['input_cpu_ms']:.3f} ms CPU per sample = {costs['input_over_decode']:.2f}x the "
+          f"teacher stage's decode ({costs['decode_cpu_ms']:.3f} ms)   target <= 1.5x")
     print(f"  {'run':<34}{'steady':>10}{'best ep.':>10}{'worker CPU':>12}{'data CPU':>10}   samples/s per epoch, all "
           f"repeats")
     print(f"  {'':<34}{'samples/s':>10}{'samples/s':>10}{'ms/sample':>12}{'ms/sample':>10}   (the first is excluded)")
     names = {"hard": "(a) hard labels only", "soft": "(b) cached soft targets", "online": "(c) online teacher in the loop"}
-    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     for k, v in table.items():
         print(f"  {names[k]:<34}{v['steady']:>10,.1f}{v['best']:>10,.1f}{fmt(v['worker_cpu_ms']):>12}"
               f"{fmt(v['data_cpu_ms']):>10}   {', '.join(f'{x:,.1f}' for x in v['per_epoch'])}")
@@ -367,6 +472,12 @@ def report(cfg: dict, costs: dict, table: dict) -> None:
             print(f"  {k:<7} each repeat: steady {', '.join(f'{x:,.1f}' for x in v['steady_each'])} samples/s; "
                   f"worker CPU {cpu_each} ms/sample")
     a, b, c = table.get("hard"), table.get("soft"), table.get("online")
+    if b:
+        print(f"  (b) / pure step = {b['steady'] / costs['pure_samples_per_s']:.3f}   target >= 0.9 (step-dominated "
+              f"student); input wait share, last epoch: {b.get('data_wait_share')}")
+        if b["data_cpu_ms"] is not None:
+            print(f"  (b) data tasks in the pipeline: {b['data_cpu_ms']:.3f} ms CPU per sample = "
+                  f"{b['data_cpu_ms'] / costs['decode_cpu_ms']:.2f}x the decode")
     if a and b:
         cpu = (f"; by training-worker CPU per sample {a['worker_cpu_ms'] / b['worker_cpu_ms']:.3f}"
                if a["worker_cpu_ms"] and b["worker_cpu_ms"] else "")
@@ -376,9 +487,9 @@ def report(cfg: dict, costs: dict, table: dict) -> None:
         cpu = (f"; by training-worker CPU per sample {c['worker_cpu_ms'] / b['worker_cpu_ms']:.3f}"
                if c["worker_cpu_ms"] and b["worker_cpu_ms"] else "")
         print(f"  (b)/(c) = {b['steady'] / c['steady']:.3f} (steady), {b['best'] / c['best']:.3f} (best epochs){cpu}")
-        print(f"            expected from in-process costs: {costs['expected_soft_over_online']:.2f} = (student step "
-              f"{costs['student_step_ms']:.2f} + teacher forward {costs['teacher_forward_ms']:.2f}) / student step, "
-              f"ms per sample")
+        if costs.get("expected_soft_over_online"):
+            print(f"            expected from in-process costs: {costs['expected_soft_over_online']:.2f} = (student "
+                  f"step + teacher forward {costs['teacher_forward_ms']:.2f}) / student step, ms per sample")
     for k, v in table.items():
         other = v["steady_cpu"].get("other processes (not ours)")
         if other is not None and v.get("steady_wall"):

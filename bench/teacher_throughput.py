@@ -9,13 +9,13 @@
 
 One run measures, on the same machine, model and batch size:
   1. decode: pipeline.teacher.decode.DecodeShards over one shard in this process (one core);
-  2. pure forward: pipeline.teacher.predictor.Teacher.forward over batches already on the
+  2. pure forward: pipeline.models.runner.ModelRunner.predict over batches already on the
      device (the same frontend + autocast code the actors run), after warm-up, synchronised
      on CUDA; torch threads = the actor's CPUs on CPU (Ray gives an actor OMP_NUM_THREADS =
      its num_cpus), so both sides get the same compute;
   3. actor call: TeacherPredictor.__call__ on the same batches as Arrow tables (host->device
-     copy, forward, top-k, Arrow output): what one actor adds around the forward;
-  4. pipeline: pipeline.teacher.job.run (decode tasks -> teacher actors -> shard writer) in a
+     copy, forward, top-k, part file written): what one actor adds around the forward;
+  4. pipeline: pipeline.teacher.job.run (decode tasks -> teacher actors -> compaction) in a
      child process with a fresh local Ray, over a generated WebDataset corpus. Throughput is
      samples / the summary's ``seconds``, which counts from the moment the dataset starts
      executing (actor start-up and model load included; Ray start-up excluded and shown apart).
@@ -187,9 +187,10 @@ class InProcess:
         process; one untimed pass first (imports, page cache), then passes for >= min_seconds."""
         import pyarrow as pa
 
+        from pipeline.modalities import preprocessing_from_dict
         from pipeline.teacher.decode import SAMPLE, DecodeShards
 
-        dec = DecodeShards(self.prep)
+        dec = DecodeShards(preprocessing_from_dict(self.prep))
         run = lambda: list(dec({"name": ["bench"], "uri": [self.shard_uri]}))  # noqa: E731
         tables = run()
         passes, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -215,36 +216,39 @@ class InProcess:
         return {"samples": n * passes, "seconds": wall, "cpu_s": cpu, "samples_per_s": n * passes / wall,
                 "audio_s_per_s": secs * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / (n * passes)}
 
-    def pure_and_call(self) -> tuple[dict, dict]:
+    def pure_and_call(self, work: str) -> tuple[dict, dict]:
         """Pure forward and the actor's call, timed in alternating rounds (so drift in the load of
         a shared machine hits both alike), ``forward_seconds`` of pure forward in all.
 
-        pure: Teacher.forward over the batches already on the device (frontend + model +
-        autocast). call: TeacherPredictor.__call__ on the same batches as Arrow tables (host ->
-        device copy, forward, top-k, Arrow output), i.e. all an actor does per batch."""
-        from pipeline.teacher.predictor import TeacherPredictor, Teacher
+        pure: the ModelRunner's predict over the batches already on the device (frontend + model
+        + autocast). call: TeacherPredictor.__call__ on the same batches as Arrow tables (host ->
+        device copy, forward, top-k, part file written into ``work``, records out), i.e. all an
+        actor does per batch."""
+        from pipeline.modalities import preprocessing_from_dict
+        from pipeline.shards.manifest import RunFacts
+        from pipeline.softtargets import id_dtype
+        from pipeline.teacher.predictor import TeacherPredictor, load_teacher
 
         t0 = time.perf_counter()
-        teacher = Teacher([self.cfg["teacher"]], self.prep, self.precision, self.device)
-        on_dev = [teacher.to_device(b.column("payload"), b.column("length").to_numpy()) for b in self.batches]
+        prep = preprocessing_from_dict(self.prep)
+        runner = load_teacher([self.cfg["teacher"]], (), prep, self.precision, self.device)
+        on_dev = [runner.to_device(b.column("payload")) for b in self.batches]
         self.sync()
         build = time.perf_counter() - t0
-        outs, _ = teacher.forward(*on_dev[0])
+        outs = runner.predict(*on_dev[0]).logits
         self.level = "frame" if outs[0].dim() == 3 else "utterance"
         self.num_classes = int(outs[0].shape[-1])
         self.k = min(self.cfg["top_k"], self.num_classes)
-        pred = TeacherPredictor.__new__(TeacherPredictor)  # the same models, not a second copy
-        pred.teacher, pred.level, pred.k, pred.num_classes = teacher, self.level, self.k, self.num_classes
-        from pipeline.teacher.predictor import output_schema
-
-        pred.schema = output_schema(self.level, self.k, self.num_classes)
+        facts = RunFacts("bench", self.cfg["modality"], self.level, self.k, self.num_classes, "parquet",
+                         str(id_dtype(self.num_classes)), 20.0 if self.level == "frame" else None)
+        pred = TeacherPredictor((), (), prep, facts, os.path.join(work, "inprocess-run"), runner=runner)
         for i in range(self.cfg["warmup"]):
-            teacher.forward(*on_dev[i % len(on_dev)])
+            runner.predict(*on_dev[i % len(on_dev)])
             pred(self.batches[i % len(self.batches)])
 
         def pure():
             for x, lengths in on_dev:
-                teacher.forward(x, lengths)
+                runner.predict(x, lengths)
 
         def call():
             for b in self.batches:
@@ -270,8 +274,9 @@ class InProcess:
             out.append({"samples": n, "seconds": wall, "cpu_s": cpu, "samples_per_s": n / wall,
                         "audio_s_per_s": self.audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
                         "loadavg": os.getloadavg()[0], "model_build_s": build})
-        del on_dev, teacher, pred
+        del on_dev, runner, pred
         self._free()
+        shutil.rmtree(os.path.join(work, "inprocess-run"), ignore_errors=True)
         return out[0], out[1]
 
     def _free(self) -> None:
@@ -373,12 +378,12 @@ def main(argv=None) -> int:
             ip = InProcess(cfg, corpus.shards[0], device, threads, args.precision)
             m = {"decode": ip.decode()}
             print(f"[bench] decode, one core: {m['decode']['samples_per_s']:,.1f} samples/s", flush=True)
-            m["pure_before"], m["call_before"] = ip.pure_and_call()
+            m["pure_before"], m["call_before"] = ip.pure_and_call(work)
             print(f"[bench] pure forward: {m['pure_before']['samples_per_s']:,.1f} samples/s; actor call "
                   f"{m['call_before']['samples_per_s']:,.1f}", flush=True)
             pipe = run_pipeline(cfg, args, corpus.shards, work, "main", timeline=True)
             print(f"[bench] pipeline: {pipe.summary['samples_per_s']:,.1f} samples/s", flush=True)
-            m["pure_after"], m["call_after"] = ip.pure_and_call()
+            m["pure_after"], m["call_after"] = ip.pure_and_call(work)
             print(f"[bench] pure forward again: {m['pure_after']['samples_per_s']:,.1f} samples/s; actor call "
                   f"{m['call_after']['samples_per_s']:,.1f}", flush=True)
             m["actor_call"] = {k: (m["call_before"][k] + m["call_after"][k]) / 2

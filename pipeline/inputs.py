@@ -128,7 +128,7 @@ def iter_tar(uri: str, exts: tuple[str, ...], max_member_bytes: int = DEFAULT_LI
                         "bad_key", f"member {m.name!r} has an empty key"))
                     continue
                 if k != key:
-                    if key is not None:
+                    if members:  # a key whose members were all refused has its error rows already
                         yield _to_sample(key, members, exts)
                     key, members = k, {}
                 if not m.isfile():
@@ -153,7 +153,7 @@ def iter_tar(uri: str, exts: tuple[str, ...], max_member_bytes: int = DEFAULT_LI
         return
     finally:
         f.close()
-    if key is not None:
+    if members:
         yield _to_sample(key, members, exts)
 
 

@@ -156,6 +156,18 @@ def _expand_one(one: str, spec: str, extensions: tuple[str, ...]) -> list[tuple[
     if any(c in path for c in GLOB_CHARS):
         infos = fs.glob(path, detail=True)
         entries = [(p, i) for p, i in infos.items() if i.get("type") == "file"]
+    elif is_remote(one):
+        # info() raises what went wrong (an unreachable endpoint, no credentials); isdir() and
+        # isfile() would report any failure as "does not exist".
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"input {one!r} (from {spec!r}) does not exist") from None
+        if info.get("type") == "directory":
+            entries = [(i["name"], i) for i in fs.ls(path, detail=True)
+                       if i.get("type") == "file" and i["name"].endswith(extensions)]
+        else:
+            entries = [(path, info)]
     elif fs.isdir(path):
         entries = [(i["name"], i) for i in fs.ls(path, detail=True)
                    if i.get("type") == "file" and i["name"].endswith(extensions)]

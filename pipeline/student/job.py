@@ -33,7 +33,7 @@ from pipeline.storage import StorageError
 from pipeline.student.data import count_samples
 from pipeline.student.losses import LOSSES
 from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
-from pipeline.student.train import TRAIN_STATE, read_metrics
+from pipeline.student.train import TRAIN_STATE, DataError, read_metrics
 
 RUN_NAME = "train"
 FINAL_DIR = "final"
@@ -354,11 +354,6 @@ def run(argv=None) -> int:
           f"{final_uri} (a valid --teacher and --checkpoint)", flush=True)
     print(json.dumps({"summary": summary}), flush=True)
     return 0
-
-
-class DataError(RuntimeError):
-    """Training stopped on a data error (a damaged cache, shards that do not pair): retrying
-    cannot help, so the job ends with its one-line message."""
 
 
 def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache: SoftTargetRun | None):

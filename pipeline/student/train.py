@@ -110,6 +110,11 @@ def evaluate_shard(runner: ModelRunner, it, plan: StudentPlan, device, collate_f
     return correct, total
 
 
+class DataError(RuntimeError):
+    """Training stopped on a data error (a damaged cache, shards that do not pair): retrying
+    cannot help, so the job ends with its one-line message."""
+
+
 def data_error(e: BaseException) -> str | None:
     """The message of a kdpipe data error (a damaged cache, shards that do not pair) anywhere
     in an exception's chain, as raised inside a Ray task; None for any other error."""
@@ -123,7 +128,8 @@ def data_error(e: BaseException) -> str | None:
             continue
         seen.add(id(e))
         cause = getattr(e, "cause", None)
-        if type(e) in (FormatError, PairingError) or (isinstance(e, (FormatError, PairingError)) and cause is None):
+        if type(e) in (FormatError, PairingError, DataError) or (
+                isinstance(e, (FormatError, PairingError, DataError)) and cause is None):
             return str(e).strip().splitlines()[0]
         # Ray Train's WorkerGroupError keeps each worker's error by rank
         todo += list((getattr(e, "worker_failures", None) or {}).values())
@@ -196,7 +202,13 @@ def train_loop(config: dict) -> None:
         data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
         while True:
             t_wait = time.monotonic()
-            b = next(batches, None)
+            try:
+                b = next(batches, None)
+            except Exception as e:  # a data error: its one line, not Ray Data's whole stack
+                message = data_error(e)
+                if message is None:
+                    raise
+                raise DataError(message) from None
             data_wait += time.monotonic() - t_wait
             if b is None:
                 break

@@ -105,6 +105,7 @@ class ShardTracker:
         self.running: dict = {}  # compaction handle -> shard name
         self.error_reasons: Counter = Counter()
         self.received_bytes = 0  # what the driver's loop got from the workers
+        self.dataset = None  # the Ray dataset being drained (set by the job)
 
     def add(self, records: pa.Table) -> None:
         """Take one batch of PART / END records (from any actors, any shards, any order)."""

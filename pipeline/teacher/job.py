@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv=None) -> int:
-    """Entry point of jobs/pseudo_label.py; returns the process exit code."""
+def run(argv=None, tracker_cls: type[ShardTracker] = ShardTracker) -> int:
+    """Entry point of jobs/pseudo_label.py; returns the process exit code.
+
+    tracker_cls: what drains the pipeline's records (a subclass of ShardTracker, e.g. one that
+    also times them: bench/benchlib.py)."""
     parser = build_parser()
     args = parse_args(parser, argv)
     early = (ConfigError, FileNotFoundError, FormatError, LeaseHeld, StorageError)
@@ -105,13 +108,14 @@ def run(argv=None) -> int:
         writer.abandon()
         parser.error(str(e))
     try:
-        return _run(args, ex, plan, refs, writer, inputs, removed)
+        return _run(args, ex, plan, refs, writer, inputs, removed, tracker_cls)
     except BaseException:
         writer.abandon()  # what was committed stays committed; the lease is given back
         raise
 
 
-def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int) -> int:
+def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int,
+         tracker_cls: type[ShardTracker]) -> int:
     for r in refs:
         if len(r.spellings) > 1:
             print(f"[pseudo-label] warning: input {r.uri} is given {len(r.spellings)} times "
@@ -129,7 +133,7 @@ def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, i
               flush=True)
         return report(writer, progress, skipped, None, args, ex, cache_hit=True)
     todo = {inputs.names[r.uri]: (r.uri, r.size) for r in inputs.todo}
-    tracker = execute(ex, plan, writer, todo, progress)
+    tracker = execute(ex, plan, writer, todo, progress, tracker_cls)
     return report(writer, progress, skipped, tracker, args, ex, damaged=len(inputs.damaged))
 
 
@@ -167,7 +171,9 @@ def ray_compactor(run_uri: str, facts):
 
     from pipeline.teacher.compact import compact_shard
 
-    task = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD", max_retries=2)(compact_shard)
+    # No CPU reserved: a compaction is a little I/O and a sort, and it must never queue behind
+    # the decode tasks that fill every CPU; SPREAD shares the writes out over the nodes.
+    task = ray.remote(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)(compact_shard)
 
     def compact(name, input_uri, parts, expected, expected_hash):
         return task.remote(run_uri, facts, name, input_uri, parts, expected, expected_hash)
@@ -180,8 +186,9 @@ def ray_compactor(run_uri: str, facts):
 
 
 def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str, tuple[str, int]],
-            progress: Progress) -> ShardTracker:
-    """Start Ray, run the pipeline, commit every shard it completes; returns the tracker."""
+            progress: Progress, tracker_cls: type[ShardTracker] = ShardTracker) -> ShardTracker:
+    """Start Ray, run the pipeline, commit every shard it completes; returns the tracker (its
+    ``dataset`` is the drained Ray dataset, for its stats)."""
     import ray
     from ray.data import DataContext
 
@@ -194,7 +201,8 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
           f"batch {ex.batch_size}, {len(shards)} shard(s) to compute", flush=True)
     facts = writer.manifest.facts()
     ds = build_dataset(ex, plan, writer.uri, facts, shards, gpu, actors)
-    tracker = ShardTracker(writer, shards, progress, *ray_compactor(writer.uri, facts))
+    tracker = tracker_cls(writer, shards, progress, *ray_compactor(writer.uri, facts))
+    tracker.dataset = ds
     progress.restart()  # throughput counts from here: Ray start-up is reported apart
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
         tracker.add(batch)

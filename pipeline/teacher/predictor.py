@@ -50,8 +50,9 @@ class TeacherPredictor:
     """Ray Data UDF (actor): decoded rows (pyarrow) -> part files + PART/END records (pyarrow)."""
 
     def __init__(self, specs: tuple, trust: tuple, preprocessing, facts: RunFacts, run_uri: str,
-                 precision: str = "bf16", device: str | None = None):
-        self.runner = load_teacher(specs, trust, preprocessing, precision, device)
+                 precision: str = "bf16", device: str | None = None, runner: ModelRunner | None = None):
+        """runner: the loaded teacher to use instead of loading ``specs`` (in-process benches)."""
+        self.runner = runner or load_teacher(specs, trust, preprocessing, precision, device)
         self.facts = facts
         self.run_uri = run_uri
         self.schema = part_schema(facts.level, facts.k, facts.num_classes)

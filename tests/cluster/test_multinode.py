@@ -270,6 +270,12 @@ def test_jobs_on_a_multinode_cluster_with_s3(cluster, s3_bucket, tmp_path):
     actors = c.state("actors")
     teacher_nodes = _nodes_of(actors, info["job_id"], "TeacherPredictor")
     assert len(teacher_nodes) >= 2 and set(teacher_nodes) == set(role), (teacher_nodes, role)
+    # The soft targets were written by workers on both nodes (the commit records say where);
+    # the driver got only those records: a few hundred bytes a shard, never the shard files.
+    writers = {rec.node for rec in run.manifest.shards.values()}
+    assert writers == set(role), (writers, role)
+    assert 0 < s["driver_bytes_received"] < s["bytes_written"], s
+    assert not [p for p in listing if "/_parts/" in p]
 
     # 2) training: soft targets from s3, Ray Train storage (checkpoints) in s3, DDP over both nodes
     out = f"{base}/student"

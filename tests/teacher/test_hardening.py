@@ -65,7 +65,7 @@ def hostile(tmp_path_factory, ray_local):
         _member(tar, "v1.2/d.png", image_bytes(img["v1.2/d"]))  # a key with a dot (in its directory)
         _member(tar, "../../e.png", image_bytes(img["e"]))  # a hostile name: only ever a key
     out = root / "st"
-    argv = ["--input", str(root / "in" / "s1.tar"), str(root / "in" / "." / "s1.tar"), "--output", str(out),
+    argv = ["--input", str(root / "in" / "s1.tar"), f"{root}/in/./s1.tar", "--output", str(out),
             "--teacher", IMAGE_TEACHER, "--image-resize", "8", "--image-crop", "8", "--top-k", "3",
             "--format", "webdataset", "--max-error-rate", "0.9", "--progress-interval", "5"]
     return root, out, argv, img
@@ -111,7 +111,7 @@ def test_every_member_is_accounted_for_once(hostile, capsys):
     assert abs(float(cols["logprobs"][i][0]) - float(want.max())) < 2e-3
 
     # a rerun naming the input another way recognises it: a cache hit, nothing recomputed
-    again = [a if not a.endswith("s1.tar") else str(root / "in" / ".." / "in" / "s1.tar") for a in argv[:3]]
+    again = [a if not a.endswith("s1.tar") else f"{root}/in/../in/s1.tar" for a in argv[:3]]
     rc = pseudo_label(["--input", again[1], *argv[3:]])
     s2 = _summary(capsys.readouterr().out)
     assert rc == 0 and s2["cache_hit"] and s2["shards_skipped"] == 1 and s2["shards_total"] == 1
@@ -273,9 +273,14 @@ def test_errors_are_one_line_before_ray_starts(tmp_path, s3_bucket, capsys, monk
 
     spec = parse_spec(f"{AUDIO_TEACHER}&weights=s3://{s3_bucket}/w.safetensors")
     assert spec.kind == "factory" and build_model(spec) is not None
-    # an unreachable S3 endpoint: one line naming the URI
+    # an unreachable S3 endpoint: one line naming the URI (a new process would read the
+    # variables afresh; here the cached filesystem objects are dropped instead)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    msg = refused(["--input", "s3://nowhere/corpus/", *base])
-    assert "s3://nowhere/corpus/" in msg and "cannot" in msg
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        msg = refused(["--input", "s3://nowhere/corpus/", *base])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "s3://nowhere/corpus/" in msg and "cannot list" in msg and "EndpointConnectionError" in msg
     assert not (tmp_path / "o").exists()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import s3fs
 
 from pipeline.shards import SoftTargetRun
@@ -48,7 +49,7 @@ def _committed(run_dir) -> dict:
         return {}
 
 
-def _kill_mid_run(argv, out, condition, timeout=240):
+def _kill_mid_run(argv, out, condition, timeout=240, before_kill=None):
     """Start the job as a subprocess, SIGKILL it (and the Ray it started) once condition(out) holds."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -58,6 +59,8 @@ def _kill_mid_run(argv, out, condition, timeout=240):
     while time.time() < deadline and not condition(out):
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         time.sleep(0.05)
+    if before_kill is not None:
+        before_kill()
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
     proc.wait()
 
@@ -67,7 +70,14 @@ def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     out = tmp_path / "st"
     argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--teacher", SLOW, "--batch-size", "2",
             "--progress-interval", "0.5"]
-    _kill_mid_run(argv, out, lambda o: len(_committed(o)) >= 2)
+    def second_writer():  # the same output while the first job runs: refused, naming it
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "being written by pseudo_label.py" in err and "pid" in err
+
+    _kill_mid_run(argv, out, lambda o: len(_committed(o)) >= 2, before_kill=second_writer)
     done = set(_committed(out))
     assert 2 <= len(done) < 6, "the kill must land mid-run"
     shard_files = {n: (out / "shards" / f"{n}.parquet") for n in done}
