@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -240,27 +239,27 @@ def pure_step(cfg: dict, data, batches: list, device: str, threads: int, precisi
 
     from pipeline.models.runner import ModelRunner
     from pipeline.models.spec import build_model, parse_spec
-    from pipeline.student.plan import LossPlan
-    from pipeline.student.train import StepLoss
+    from pipeline.student.plan import LossPlan, OptimPlan
+    from pipeline.student.train import StepLoss, lr_lambda, make_optimizer, train_step
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = build_model(parse_spec(cfg["student"]), seed=0).to(dev).train()
     runner = ModelRunner([model], data.preprocessing, dev, precision)
     loss_fn = StepLoss(LossPlan(loss="kl", alpha=0.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optim = OptimPlan(total_steps=10**6)  # the job's defaults: AdamW, clipping at 1.0, warmup + cosine
+    opt = make_optimizer(model.parameters(), optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_lambda(k, 10, optim.total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=device == "cuda" and precision == "fp16")
     on_dev = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     i = [0]
 
-    def step():
+    def step():  # train_loop's own step, minus the data iterator
         b = on_dev[i[0] % len(on_dev)]
         i[0] += 1
-        out = runner.forward(b["x"], b.get("lengths"))
-        loss, _ = loss_fn(out.logits[0], out.frames, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, _ = train_step(runner, loss_fn, opt, sched, scaler, b, optim.grad_clip)
+        float(loss.detach())  # the loop reads the loss back every step
 
     for _ in range(3):
         step()

@@ -94,7 +94,7 @@ def parquet_input(path, items: list[tuple[str, bytes]]) -> None:
 def direct_logprobs(spec: str, prep: dict, inputs: list[np.ndarray]) -> list[torch.Tensor]:
     """The teacher's log-softmax for each input alone (no batching, no Ray): the reference."""
     from pipeline.models.spec import build_model, parse_spec
-    from pipeline.modalities import make_frontend, preprocessing_from_dict, prepare
+    from pipeline.modalities import make_frontend, preprocessing_from_dict
 
     model = build_model(parse_spec(spec)).eval()
     frontend = make_frontend(preprocessing_from_dict(prep))

@@ -18,7 +18,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline import storage
 from pipeline.cli import DECODE_TASK_MEMORY, add_limit_flags, add_trust_flag, init_ray, limits_from_args, use_gpu

@@ -89,6 +89,23 @@ class StepLoss:
         return loss, stats
 
 
+def train_step(runner: ModelRunner, step_loss: StepLoss, opt, sched, scaler, b: dict, grad_clip: float
+               ) -> tuple[torch.Tensor, dict]:
+    """One optimizer step on batch ``b`` (tensors on the runner's device): forward under the
+    precision policy, loss, backward (scaled for fp16), gradient clipping, step, schedule."""
+    out = runner.forward(b["x"], b.get("lengths"))
+    loss, stats = step_loss(out.logits[0], out.frames, b)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for m in runner.models for p in m.parameters()], grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss, stats
+
+
 def _to_device(b: dict, device) -> dict:
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -220,16 +237,7 @@ def train_loop(config: dict) -> None:
                          has_t=torch.ones_like(b["has_t"]))
                 if t_out.frames is not None:
                     b["t_frames"] = t_out.frames
-            out = runner.forward(b["x"], b.get("lengths"))
-            loss, st = step_loss(out.logits[0], out.frames, b)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if optim.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            loss, st = train_step(runner, step_loss, opt, sched, scaler, b, optim.grad_clip)
             step += 1
             samples += int(b["x"].shape[0])
             sums[0] += float(loss.detach())

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 
 from pipeline.shards import SoftTargetRun
 from pipeline.student import evaluate as evaluate_job

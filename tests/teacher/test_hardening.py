@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import tarfile
 import zlib
@@ -237,7 +236,6 @@ def test_a_checkpoint_cannot_choose_code(tmp_path, capsys):
 
 def test_errors_are_one_line_before_ray_starts(tmp_path, s3_bucket, capsys, monkeypatch):
     from pipeline.models.zoo import audio_cnn
-    from tests.helpers import parquet_input
 
     def refused(argv) -> str:
         with pytest.raises(SystemExit) as e:
