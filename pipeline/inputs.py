@@ -311,6 +311,23 @@ def iter_shard(uri: str, exts: tuple[str, ...], limits: DecodeLimits = DEFAULT_L
             yield s
 
 
+def iter_prepared(uri: str, prep, limits: DecodeLimits = DEFAULT_LIMITS, **parquet_options):
+    """(raw sample, [(chunk bounds, array)] or the DecodeError) for every sample of an input
+    shard: iter_shard (one duplicate rule) + prepare (decode, resample, crop, chunk), the one
+    read-and-prepare loop of the teacher's decode tasks, the student and evaluation."""
+    from pipeline.modalities import media_extensions, prepare
+
+    exts = media_extensions(prep.to_dict()["modality"])
+    for raw in iter_shard(uri, exts, limits, **parquet_options):
+        if raw.error is not None:
+            yield raw, raw.error
+            continue
+        try:
+            yield raw, prepare(raw.data, prep, limits)
+        except DecodeError as e:
+            yield raw, e
+
+
 def sniff_modality(uri: str, max_samples: int = 16) -> str | None:
     """'audio' or 'image' from the first samples of a shard, or None if it cannot tell."""
     for i, sample in enumerate(iter_shard(uri, MEDIA_EXTENSIONS)):

@@ -16,6 +16,8 @@ def probe_output(model, prep: dict, seconds: float = 1.0) -> torch.Tensor:
         x, lengths = frontend(torch.zeros(2, n), torch.tensor([n, n]))
     else:
         x, lengths = frontend(torch.zeros(2, p.crop, p.crop, 3, dtype=torch.uint8))
+    from pipeline.models.runner import ModelRunner
+
     model.eval()
     with torch.inference_mode():
-        return model(x, lengths) if lengths is not None else model(x)
+        return ModelRunner.call(model, x, lengths)

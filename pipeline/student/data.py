@@ -26,8 +26,8 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline import storage
-from pipeline.inputs import iter_shard, split_member
-from pipeline.modalities import DecodeError, chunk_key, media_extensions, prepare
+from pipeline.inputs import iter_prepared, split_member
+from pipeline.modalities import DecodeError, chunk_key
 from pipeline.modalities.payload import list_values, pad_rows, payload_array, payload_batch, payload_type
 from pipeline.shards.files import read_errors, read_shard_table
 from pipeline.shards.manifest import RunFacts, ShardRecord
@@ -81,8 +81,7 @@ def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None]:
     return label, frames
 
 
-def resample_frame_labels(labels: np.ndarray, label_shift_ms: float, target_shift_ms: float,
-                          num_samples: int | None = None, sample_rate: int | None = None) -> np.ndarray:
+def resample_frame_labels(labels: np.ndarray, label_shift_ms: float, target_shift_ms: float) -> np.ndarray:
     """Frame labels at one frame rate -> another: each target frame takes the label at its centre.
 
     labels (F,) at label_shift_ms -> (F',) at target_shift_ms, F' = ceil(F * label/target).
@@ -130,7 +129,6 @@ class ShardRows:
         pool_options: how the teacher run read its inputs (the manifest's input_options)."""
         self.data = data
         self.prep = data.preprocessing
-        self.exts = media_extensions(data.modality)
         self.run_uri, self.facts = run_uri, facts
         self.schema = train_schema(data)
         self.types = teacher_types(data)
@@ -175,16 +173,7 @@ class ShardRows:
         return resample_frame_labels(frames, self.data.label_frame_shift_ms, self.student_shift).astype(np.int16)
 
     def _samples(self, uri: str, options: dict):
-        """(raw sample, pieces or the DecodeError) for every sample of the shard, one rule for
-        duplicates (pipeline.inputs.iter_shard)."""
-        for raw in iter_shard(uri, self.exts, self.data.limits, **options):
-            if raw.error is not None:
-                yield raw, raw.error
-                continue
-            try:
-                yield raw, prepare(raw.data, self.prep, self.data.limits)
-            except DecodeError as e:
-                yield raw, e
+        return iter_prepared(uri, self.prep, self.data.limits, **options)
 
     def labeled(self, uri: str, require_labels: bool = True) -> Iterator[pa.Table]:
         """Decoded samples with their labels; require_labels=False also takes unlabeled ones."""

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.inputs import iter_shard
-from pipeline.modalities import DEFAULT_LIMITS, DecodeError, DecodeLimits, chunk_key, media_extensions, prepare
+from pipeline.inputs import iter_prepared
+from pipeline.modalities import DEFAULT_LIMITS, DecodeError, DecodeLimits, chunk_key
 from pipeline.modalities.payload import payload_array, payload_type
 from pipeline.teacher.accounting import key_hash
 
@@ -47,7 +47,6 @@ class DecodeShards:
                  limits: DecodeLimits = DEFAULT_LIMITS):
         self.prep = preprocessing
         self.schema = stage_schema(preprocessing)
-        self.exts = media_extensions(preprocessing.to_dict()["modality"])
         self.bucket_rows = bucket_rows
         self.parquet_options = parquet_options or {}
         self.limits = limits
@@ -82,14 +81,9 @@ class DecodeShards:
         samples: list[tuple[str, object]] = []
         errors: list[tuple[str, DecodeError]] = []
         count, hashed = 0, 0
-        for raw in iter_shard(uri, self.exts, self.limits, **self.parquet_options):
-            if raw.error is not None:
-                errors.append((raw.key, raw.error))
-                continue
-            try:
-                pieces = prepare(raw.data, self.prep, self.limits)
-            except DecodeError as e:
-                errors.append((raw.key, e))
+        for raw, pieces in iter_prepared(uri, self.prep, self.limits, **self.parquet_options):
+            if isinstance(pieces, DecodeError):
+                errors.append((raw.key, pieces))
                 continue
             samples += [(chunk_key(raw.key, bounds), arr) for bounds, arr in pieces]
             if len(samples) >= self.bucket_rows:
