@@ -266,9 +266,12 @@ class RunWriter:
             self.lease.release()
 
     def abandon(self) -> None:
-        """Give the lease back without committing more (a failed run: what was committed stays)."""
+        """Save what was committed and give the lease back (a failed run); never raises, so the
+        error that ended the run is the one reported."""
         try:
             self.flush(force=True)
+        except Exception as e:
+            print(f"[pseudo-label] warning: could not save the last commits ({storage.describe_error(e)})", flush=True)
         finally:
             self.lease.release()
 

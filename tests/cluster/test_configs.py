@@ -21,6 +21,7 @@ from pipeline.config import parse_args
 from pipeline.student import evaluate as evaluate_job
 from pipeline.student import job as student_job
 from pipeline.teacher import job as teacher_job
+from pipeline.teacher.plan import exec_plan
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -111,7 +112,7 @@ def _check_job_args(script: str, args, where: str) -> None:
     """The jobs' own flag checks that run before Ray starts (no I/O)."""
     try:
         if script == "jobs/pseudo_label.py":
-            teacher_job._validate_args(args)
+            exec_plan(args)
         elif script == "jobs/train_student.py":
             student_job._validate(args)
     except Exception as e:  # ConfigError

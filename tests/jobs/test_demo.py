@@ -20,7 +20,7 @@ def test_demo_small(tmp_path, ray_local, capsys):
 
     cache = SoftTargetRun(str(out / "softtargets"))
     assert cache.manifest.total_rows + len(cache.errors()) == counts["unlabeled"]
-    assert all(r.status == "complete" for r in cache.manifest.shards.values())
+    assert cache.verify(deep=True) == {}  # every committed shard's files there, sizes and checksums right
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["models"]}

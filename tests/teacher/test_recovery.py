@@ -59,7 +59,8 @@ def _kill_mid_run(argv, out, condition, timeout=240, before_kill=None):
     while time.time() < deadline and not condition(out):
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         time.sleep(0.05)
-    if before_kill is not None:
+    if before_kill is not None:  # with the job frozen mid-run (it cannot finish meanwhile)
+        os.killpg(proc.pid, signal.SIGSTOP)
         before_kill()
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
     proc.wait()
