@@ -10,8 +10,10 @@ modality's frontend and returns logits:
   cover the input at ``frame_shift_ms`` milliseconds each.
 
 Optional attributes (read with ``model_info``): ``num_classes``, ``level``, ``modality``,
-``frame_shift_ms`` (frame level: output frame shift in ms of input time), and a method
-``output_lengths(lengths) -> (B,)`` mapping input lengths to output frames.
+``frame_shift_ms`` (frame level: output frame shift in ms of input time), a method
+``output_lengths(lengths) -> (B,)`` mapping input lengths to output frames, and
+``kdpipe_preprocessing`` (the preprocessing dict it expects, e.g. ``{"modality": "audio",
+"sample_rate": 16000, "features": "none"}``; flags still override it).
 Models without them still work: the caller supplies what it needs (flags or checkpoint config).
 """
 

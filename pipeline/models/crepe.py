@@ -104,6 +104,8 @@ class FramewiseModel(nn.Module):
         self.modality = "audio"
         self.sample_rate = SAMPLE_RATE
         self.frame_shift_ms: Optional[float] = float(hop_ms)
+        # the input it expects: raw 16 kHz waveform (framing and normalisation happen inside)
+        self.kdpipe_preprocessing = {"modality": "audio", "sample_rate": SAMPLE_RATE, "features": "none"}
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Valid samples (B,) -> valid frames (B,): 1 + L // hop."""

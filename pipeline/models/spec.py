@@ -335,8 +335,7 @@ def describe_model(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
     out = {"modality": info.modality, "level": info.level, "num_classes": info.num_classes,
            "frame_shift_ms": info.frame_shift_ms, "preprocessing": None, "class_names": None}
-    if spec.kind in external.KINDS:
-        out.update(external.describe(spec, model))
+    out.update(external.describe(spec, model))  # a model that declares its input (kdpipe_preprocessing)
     if spec.config:
         for key in out:
             if spec.config.get(key) is not None:

@@ -37,6 +37,7 @@ from pipeline.student.plan import DataPlan
 log = logging.getLogger("kdpipe.data")
 PSEUDO, LABELED = 0, 1
 LP_PAD = -1e4  # log-prob of padded target slots: exp() is 0, and never -inf (no 0 * inf)
+F0_FRAME_MS = 10.0  # .f0.npy reference contours are per 10 ms frame (pipeline.pitch)
 
 
 class PairingError(ValueError):
@@ -59,14 +60,16 @@ def train_schema(data: DataPlan) -> pa.Schema:
         ("payload", payload_type(data.preprocessing)),
         ("label", pa.int64()),  # utterance label, -1 if none
         ("flabels", pa.list_(pa.int16())),  # frame labels at the student's frame rate (empty if none)
+        ("f0", pa.list_(pa.float32())),  # reference pitch in Hz per label frame (.f0.npy; empty if none)
         ("t_frames", pa.int32()),  # teacher frames (frame level), 0 otherwise
         *[(c, t) for c, t in teacher_types(data).items()],
     ])
 
 
-def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None]:
-    """(utterance label or -1, frame labels (F,) int16 or None) from a sample's members."""
-    label, frames = -1, None
+def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """(utterance label or -1, frame labels (F,) int16 or None, reference f0 (F,) float32 Hz or
+    None) from a sample's members (.cls, .frames.npy, .f0.npy)."""
+    label, frames, f0 = -1, None, None
     if members:
         if "cls" in members:
             try:
@@ -78,7 +81,12 @@ def _labels(members: dict[str, bytes] | None) -> tuple[int, np.ndarray | None]:
                 frames = np.load(io.BytesIO(members["frames.npy"]), allow_pickle=False).astype(np.int16).reshape(-1)
             except ValueError as e:
                 raise DecodeError("bad_label", f".frames.npy member is not an array ({e})") from None
-    return label, frames
+        if "f0.npy" in members:
+            try:
+                f0 = np.load(io.BytesIO(members["f0.npy"]), allow_pickle=False).astype(np.float32).reshape(-1)
+            except ValueError as e:
+                raise DecodeError("bad_label", f".f0.npy member is not an array ({e})") from None
+    return label, frames, f0
 
 
 def resample_frame_labels(labels: np.ndarray, label_shift_ms: float, target_shift_ms: float) -> np.ndarray:
@@ -94,11 +102,12 @@ def resample_frame_labels(labels: np.ndarray, label_shift_ms: float, target_shif
     return labels[idx]
 
 
-def _int16_lists(rows: list[np.ndarray]) -> pa.Array:
+def _lists(rows: list[np.ndarray], dtype) -> pa.Array:
+    """Per-row 1-D arrays -> one list<dtype> column (one concatenation)."""
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
-    flat = np.concatenate(rows).astype(np.int16) if rows else np.zeros(0, np.int16)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int16()))
+    flat = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 class _Block:
@@ -109,6 +118,7 @@ class _Block:
         self.arrays: list[np.ndarray] = []
         self.labels: list[int] = []
         self.flabels: list[np.ndarray] = []
+        self.f0: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -151,7 +161,8 @@ class ShardRows:
             "src": pa.array(np.full(n, src, np.int8)),
             "payload": payload_array(block.arrays, self.prep),
             "label": pa.array(np.asarray(block.labels, np.int64)),
-            "flabels": _int16_lists(block.flabels if block.flabels else [np.zeros(0, np.int16)] * n),
+            "flabels": _lists(block.flabels if block.flabels else [np.zeros(0, np.int16)] * n, np.int16),
+            "f0": _lists(block.f0 if block.f0 else [np.zeros(0, np.float32)] * n, np.float32),
         }
         if targets is None:
             cols["t_frames"] = pa.array(np.zeros(n, np.int32))
@@ -164,12 +175,17 @@ class ShardRows:
                 cols[c] = targets.column(src_col)
         return pa.table(cols, schema=self.schema)
 
+    def _chunk(self, values: np.ndarray, bounds, shift_ms: float) -> np.ndarray:
+        """A chunk of a long recording: its slice of values given every ``shift_ms``."""
+        if bounds is None:
+            return values
+        per_sample = 1000.0 / self.prep.sample_rate / shift_ms
+        return values[int(bounds[0] * per_sample): int(np.ceil(bounds[1] * per_sample))]
+
     def _frame_labels(self, frames: np.ndarray | None, bounds) -> np.ndarray:
         if frames is None or self.data.level != "frame":
             return np.zeros(0, np.int16)
-        if bounds is not None:  # a chunk of a long recording: its slice of the labels
-            per_sample = 1000.0 / self.prep.sample_rate / self.data.label_frame_shift_ms
-            frames = frames[int(bounds[0] * per_sample): int(np.ceil(bounds[1] * per_sample))]
+        frames = self._chunk(frames, bounds, self.data.label_frame_shift_ms)
         return resample_frame_labels(frames, self.data.label_frame_shift_ms, self.student_shift).astype(np.int16)
 
     def _samples(self, uri: str, options: dict):
@@ -183,7 +199,7 @@ class ShardRows:
             try:
                 if isinstance(pieces, DecodeError):
                     raise pieces
-                label, frames = _labels(raw.members)
+                label, frames, f0 = _labels(raw.members)
             except DecodeError as e:
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
@@ -194,6 +210,8 @@ class ShardRows:
                 block.arrays.append(arr)
                 block.labels.append(label)
                 block.flabels.append(self._frame_labels(frames, bounds))
+                block.f0.append(self._chunk(f0, bounds, F0_FRAME_MS) if f0 is not None and self.data.level == "frame"
+                                else np.zeros(0, np.float32))
             if len(block) >= self.data.rows_per_block:
                 yield self._table(block, LABELED)
                 block = _Block()
@@ -265,7 +283,8 @@ def collate(batch: pa.Table, data: DataPlan, pin: bool = False) -> dict[str, tor
     """An Arrow batch of ``train_schema`` rows -> padded tensors (vectorised, no per-row Python).
 
     x: audio (B, N) float32 zero-padded with lengths (B,); image (B, H, W, 3) uint8.
-    label (B,) long, -1 = none; flabels (B, F) long, -1 padded; src (B,); has_t (B,) bool.
+    label (B,) long, -1 = none; flabels (B, F) long, -1 padded; f0 (B, F0) float Hz reference pitch
+    at the label frame rate, 0-padded, with f0_len (B,) its valid frames; src (B,); has_t (B,) bool.
     Utterance: t_ids (B, k) long, t_lp (B, k), t_lse (B,), t_conf (B,).
     Frame: t_ids (B, T, k), t_lp (B, T, k), t_lse / t_conf (B, T), t_frames (B,) valid frames.
     Rows without teacher targets have has_t False, ids 0 and log-probs LP_PAD.
@@ -280,6 +299,9 @@ def collate(batch: pa.Table, data: DataPlan, pin: bool = False) -> dict[str, tor
     out["label"] = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64))
     flat, offsets = list_values(batch.column("flabels"))
     out["flabels"] = torch.from_numpy(pad_rows(flat.to_numpy(zero_copy_only=False).astype(np.int64), offsets, fill=-1))
+    flat, offsets = list_values(batch.column("f0"))
+    out["f0"] = torch.from_numpy(pad_rows(flat.to_numpy(zero_copy_only=False).astype(np.float32), offsets, fill=0.0))
+    out["f0_len"] = torch.from_numpy(np.diff(offsets))
     t_ids = batch.column("t_ids")
     has_t = ~(t_ids.is_null().to_numpy(zero_copy_only=False)) if n else np.zeros(0, bool)
     out["has_t"] = torch.from_numpy(has_t)

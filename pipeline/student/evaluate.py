@@ -20,20 +20,23 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.cli import DECODE_TASK_MEMORY, add_limit_flags, add_trust_flag, init_ray, limits_from_args, use_gpu
+from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray,
+                          limits_from_args, resolve_preprocessing, use_gpu)
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
-from pipeline.models.spec import SpecError, check_trust_modules, parse_spec
+from pipeline.models.probe import probe_output
+from pipeline.models.spec import SpecError, build_model, check_trust_modules, describe_model, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.shards.manifest import MANIFEST_FILE
 from pipeline.storage import StorageError
-from pipeline.student.data import collate
+from pipeline.student.data import F0_FRAME_MS, collate
 from pipeline.student.losses import kd_kl
 from pipeline.student.metrics import accuracy_counts, target_positions
 from pipeline.student.plan import DataPlan
 
 STAT_NAMES = ("correct", "total", "agree", "kl_sum", "t_total")
+PITCH_STATS = ("voiced", "unvoiced", "pitch_ok", "chroma_ok", "voiced_hit", "false_alarm", "abs_cents_sum")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,19 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description="Evaluate a checkpoint: accuracy on labeled shards, or agreement/KL against a soft-target run.")
     add_config_flag(p)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint directory (train_student.py's OUTPUT/final or a Ray checkpoint), local or s3://")
+    p.add_argument("--checkpoint", required=True, metavar="SPEC",
+                   help="checkpoint directory (train_student.py's OUTPUT/final or a Ray checkpoint), local or s3://, "
+                        "or any model SPEC (module:factory?kw=v, hf:DIR, ...: e.g. a teacher as it is)")
     add_trust_flag(p)
     p.add_argument("--input", required=True, nargs="+", metavar="URI",
                    help="labeled shards (.cls / .frames.npy members), or one soft-target run directory")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the result JSON here (local or s3://)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--actors", type=int, default=1, help="model actors")
-    p.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels")
+    p.add_argument("--label-frame-shift-ms", type=float, default=10.0, help="frame shift of .frames.npy labels (.f0.npy references are per 10 ms)")
+    p.add_argument("--task", choices=["auto", "classes", "pitch"], default="auto",
+                   help="classes: accuracy; pitch: raw pitch / chroma accuracy and voicing against .f0.npy references "
+                        "(CREPE's 360 bins); auto: pitch for frame-level models with 360 classes")
+    p.add_argument("--voicing-threshold", type=float, default=0.5,
+                   help="pitch: a frame counts as voiced when the model's confidence reaches this (CREPE: its largest "
+                        "activation; a softmax model: its top probability)")
     p.add_argument("--key-column", default=None, help="Parquet labeled inputs: column of sample keys (default 'key')")
     p.add_argument("--data-column", default=None, help="Parquet labeled inputs: media column (default: the first)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when the cluster has one")
     p.add_argument("--address", default=None, help="Ray cluster address; default: $RAY_ADDRESS, else embedded local Ray")
+    add_preprocessing_flags(p, "the checkpoint's, or what the model declares")
     add_limit_flags(p)
     return p
 
@@ -61,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
 class EvalPredictor:
     """Ray Data actor: a batch of training rows (Arrow) -> one row of summed statistics."""
 
-    def __init__(self, checkpoint: str, trust: tuple, data: DataPlan, device: str):
+    def __init__(self, checkpoint: str, trust: tuple, data: DataPlan, device: str, pitch: bool = False,
+                 voicing_threshold: float = 0.5):
         from pipeline.models.runner import ModelRunner
         from pipeline.models.spec import build_model
 
         runner = ModelRunner([], data.preprocessing, device)
         runner.models = [build_model(parse_spec(checkpoint, trust)).to(runner.device).eval()]
         self.runner, self.data = runner, data
+        self.pitch, self.threshold = pitch, voicing_threshold
+        # how this model's logits say "voiced": CREPE's largest activation, or a softmax's top probability
+        self.confidence_kind = getattr(runner.models[0], "confidence_kind", "softmax")
 
     def __call__(self, batch: pa.Table) -> dict:
         data = self.data
@@ -85,7 +100,48 @@ class EvalPredictor:
             stats["agree"] = float(((logits[:, :T].argmax(-1) == b["t_ids"][:, :T, 0]) & tv).sum())
             stats["kl_sum"] = float((kd_kl(logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
         stats["t_total"] = float(tv.sum())
+        if self.pitch:
+            stats.update(self._pitch(logits, frames, b))
         return {k: np.array([v]) for k, v in stats.items()}
+
+    def _pitch(self, logits, frames, b) -> dict:
+        """Pitch counts of the rows that have a reference contour (.f0.npy)."""
+        from pipeline import pitch
+
+        total = pitch.PitchCounts()
+        cents = pitch.decode(logits).cpu().numpy()  # (B, T)
+        conf = pitch.confidence(logits, self.confidence_kind).cpu().numpy()
+        f0, f0_len, T = b["f0"].cpu().numpy(), b["f0_len"].cpu().numpy(), frames.cpu().numpy()
+        for i in np.nonzero(f0_len)[0]:
+            ref = pitch.align_reference(f0[i, : f0_len[i]], self.data.frame_shift_ms, int(T[i]), F0_FRAME_MS)
+            total = total + pitch.pitch_counts(cents[i, : T[i]], ref, conf[i, : T[i]], self.threshold)
+        return {k: float(getattr(total, k)) for k in PITCH_STATS}
+
+
+def model_facts(args, trust: tuple) -> dict:
+    """modality, level, num_classes, frame_shift_ms, preprocessing of --checkpoint: from a
+    checkpoint's config.json, else from the model itself (what it declares, flags on top, and
+    a forward pass for the output shape)."""
+    spec = parse_spec(args.checkpoint, trust)
+    if spec.kind == "checkpoint":
+        return dict(spec.config)
+    model = build_model(spec)
+    info = describe_model(spec, model)
+    modality = info["modality"] or (info["preprocessing"] or {}).get("modality")
+    if modality is None:
+        raise ConfigError(f"--checkpoint {args.checkpoint}: the model does not say its modality; give a checkpoint "
+                          "or a model that declares it")
+    prep = resolve_preprocessing(modality, info["preprocessing"], args)
+    try:
+        out = probe_output(model, prep)
+    except Exception as e:
+        raise ConfigError(f"--checkpoint {args.checkpoint}: forward pass on a blank {modality} input failed "
+                          f"({type(e).__name__}: {e}); check the preprocessing flags") from None
+    level = "frame" if out.dim() == 3 else "utterance"
+    if level == "frame" and not info["frame_shift_ms"]:
+        raise ConfigError(f"--checkpoint {args.checkpoint}: a frame-level model must declare frame_shift_ms")
+    return {"modality": modality, "level": level, "num_classes": int(out.shape[-1]),
+            "frame_shift_ms": info["frame_shift_ms"], "preprocessing": prep}
 
 
 def run(argv=None) -> int:
@@ -94,10 +150,7 @@ def run(argv=None) -> int:
     args = parse_args(parser, argv)
     try:
         trust = check_trust_modules(args.trust_module)
-        spec = parse_spec(args.checkpoint, trust)
-        if spec.kind != "checkpoint":
-            raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
-        ck = spec.config
+        ck = model_facts(args, trust)
         soft_run = None
         if len(args.input) == 1 and storage.exists(storage.join(args.input[0], MANIFEST_FILE)):
             soft_run = SoftTargetRun(args.input[0])
@@ -114,6 +167,10 @@ def run(argv=None) -> int:
         else:
             tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri, "record": ""}
                      for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)]
+        pitch = args.task == "pitch" or (args.task == "auto" and ck["level"] == "frame" and ck["num_classes"] == 360)
+        if pitch and (ck["level"] != "frame" or ck["num_classes"] != 360):
+            raise ConfigError(f"--task pitch: needs a frame-level model over CREPE's 360 pitch bins, not "
+                              f"{ck['level']} level with {ck['num_classes']} classes")
         data = DataPlan(modality=ck["modality"], level=ck["level"],
                         preprocessing=preprocessing_from_dict(ck["preprocessing"]), num_classes=ck["num_classes"],
                         stored_k=soft_run.manifest.k if soft_run else 1,
@@ -123,7 +180,7 @@ def run(argv=None) -> int:
         parser.error(str(e))
     t0 = time.monotonic()
     try:
-        totals = evaluate(args, trust, data, tasks, soft_run)
+        totals = evaluate(args, trust, data, tasks, soft_run, pitch)
     except Exception as e:
         from pipeline.student.train import data_error
 
@@ -132,10 +189,10 @@ def run(argv=None) -> int:
             raise
         print(f"[evaluate] error: {message}", file=sys.stderr, flush=True)
         return 1
+    seconds = time.monotonic() - t0
     unit = "frames" if ck["level"] == "frame" else "samples"
     result = {"checkpoint": args.checkpoint, "input": args.input, "mode": "softtargets" if soft_run else "labeled",
-              "level": ck["level"], unit: int(totals["total"] or totals["t_total"]),
-              "seconds": round(time.monotonic() - t0, 2)}
+              "level": ck["level"], unit: int(totals["total"] or totals["t_total"]), "seconds": round(seconds, 2)}
     if soft_run:
         n = totals["t_total"]
         result["agreement"] = totals["agree"] / n if n else None
@@ -144,17 +201,27 @@ def run(argv=None) -> int:
             result["accuracy"] = totals["correct"] / totals["total"]
     else:
         result["accuracy"] = totals["correct"] / totals["total"] if totals["total"] else None
+    if pitch:
+        from pipeline.pitch import PitchCounts
+
+        counts = PitchCounts(**{k: type(getattr(PitchCounts(), k))(totals[k]) for k in PITCH_STATS})
+        result["pitch"] = {k: (None if isinstance(v, float) and v != v else v) for k, v in counts.metrics().items()}
+        result["pitch"]["voicing_threshold"] = args.voicing_threshold
     text = json.dumps(result)
     if args.output:
         storage.atomic_write_bytes(args.output, (json.dumps(result, indent=1) + "\n").encode())
     for k in ("accuracy", "agreement", "kl"):
         if result.get(k) is not None:
             print(f"[evaluate] {k:<10} {result[k]:.4f}")
+    for k in ("rpa", "rca", "voicing_recall", "voicing_false_alarm"):
+        if result.get("pitch", {}).get(k) is not None:
+            print(f"[evaluate] {k:<10} {result['pitch'][k]:.4f}")
     print(text, flush=True)
     return 0
 
 
-def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: SoftTargetRun | None) -> dict:
+def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: SoftTargetRun | None,
+             pitch: bool = False) -> dict:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -170,10 +237,12 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: So
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size, batch_format="pyarrow",
                         fn_constructor_kwargs={"checkpoint": args.checkpoint, "trust": trust, "data": data,
-                                               "device": "cuda" if gpu else "cpu"},
+                                               "device": "cuda" if gpu else "cpu", "pitch": pitch,
+                                               "voicing_threshold": args.voicing_threshold},
                         compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if gpu else 0)
-    totals = dict.fromkeys(STAT_NAMES, 0.0)
+    names = STAT_NAMES + (PITCH_STATS if pitch else ())
+    totals = dict.fromkeys(names, 0.0)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in STAT_NAMES:
+        for k in names:
             totals[k] += float(np.sum(batch[k]))
     return totals
