@@ -33,12 +33,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 @dataclass
 class Output:
     """logits: one (B, C) or (B, T', C) tensor per model (float32); frames: (B,) valid output
-    frames of each row at frame level (from the first model), else None; feat_len: (B,)
-    valid frontend frames (audio) or None."""
+    frames of each row at frame level (of the first model; all_frames: of each), else None;
+    feat_len: (B,) valid frontend frames (audio) or None."""
 
     logits: list[torch.Tensor]
     frames: torch.Tensor | None
     feat_len: torch.Tensor | None
+    all_frames: list | None = None  # frames of every model (models may differ in their lengths)
 
 
 class ModelRunner:
@@ -79,12 +80,13 @@ class ModelRunner:
         feats, feat_len = self.frontend(x, lengths)
         with self.autocast():
             outs = [self.call(m, feats, feat_len).float() for m in self.models]
-        frames = None
-        if outs[0].dim() == 3:
-            in_frames = feats.shape[1]
-            fl = feat_len if feat_len is not None else torch.full((feats.shape[0],), in_frames, device=feats.device)
-            frames = output_lengths(unwrap(self.models[0]), fl, in_frames, outs[0].shape[1])
-        return Output(outs, frames, feat_len)
+        frames = [None] * len(outs)
+        in_frames = feats.shape[1]
+        for i, (m, o) in enumerate(zip(self.models, outs)):
+            if o.dim() == 3:
+                fl = feat_len if feat_len is not None else torch.full((feats.shape[0],), in_frames, device=feats.device)
+                frames[i] = output_lengths(unwrap(m), fl, in_frames, o.shape[1])
+        return Output(outs, frames[0], feat_len, frames)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, lengths: torch.Tensor | None) -> Output:

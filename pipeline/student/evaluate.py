@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description="Evaluate a checkpoint: accuracy on labeled shards, or agreement/KL against a soft-target run.")
     add_config_flag(p)
-    p.add_argument("--checkpoint", required=True, metavar="SPEC",
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="SPEC",
                    help="checkpoint directory (train_student.py's OUTPUT/final or a Ray checkpoint), local or s3://, "
-                        "or any model SPEC (module:factory?kw=v, hf:DIR, ...: e.g. a teacher as it is)")
+                        "or any model SPEC (module:factory?kw=v, hf:DIR, ...: e.g. a teacher as it is); several are "
+                        "evaluated in one pass over the data (same input preprocessing, level, classes, frame shift)")
     add_trust_flag(p)
     p.add_argument("--input", required=True, nargs="+", metavar="URI",
                    help="labeled shards (.cls / .frames.npy members), or one soft-target run directory")
@@ -70,25 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class EvalPredictor:
-    """Ray Data actor: a batch of training rows (Arrow) -> one row of summed statistics."""
+    """Ray Data actor: a batch of training rows (Arrow) -> one row of summed statistics per model
+    (columns ``"{i}.{stat}"`` for model i)."""
 
-    def __init__(self, checkpoint: str, trust: tuple, data: DataPlan, device: str, pitch: bool = False,
+    def __init__(self, checkpoints: list[str], trust: tuple, data: DataPlan, device: str, pitch: bool = False,
                  voicing_threshold: float = 0.5):
         from pipeline.models.runner import ModelRunner
         from pipeline.models.spec import build_model
 
         runner = ModelRunner([], data.preprocessing, device)
-        runner.models = [build_model(parse_spec(checkpoint, trust)).to(runner.device).eval()]
+        runner.models = [build_model(parse_spec(c, trust)).to(runner.device).eval() for c in checkpoints]
         self.runner, self.data = runner, data
         self.pitch, self.threshold = pitch, voicing_threshold
-        # how this model's logits say "voiced": CREPE's largest activation, or a softmax's top probability
-        self.confidence_kind = getattr(runner.models[0], "confidence_kind", "softmax")
+        # how each model's logits say "voiced": CREPE's largest activation, or a softmax's top probability
+        self.confidence_kind = [getattr(m, "confidence_kind", "softmax") for m in runner.models]
 
     def __call__(self, batch: pa.Table) -> dict:
+        b = {k: v.to(self.runner.device) for k, v in collate(batch, self.data).items()}
+        o = self.runner.predict(b["x"], b.get("lengths"))  # decoded and featurised once for all models
+        out = {}
+        for i, (logits, frames) in enumerate(zip(o.logits, o.all_frames)):
+            for k, v in self._stats(logits, frames, b, i).items():
+                out[f"{i}.{k}"] = np.array([v])
+        return out
+
+    def _stats(self, logits, frames, b, i: int) -> dict:
         data = self.data
-        b = {k: v.to(self.runner.device) for k, v in collate(batch, data).items()}
-        out = self.runner.predict(b["x"], b.get("lengths"))
-        logits, frames = out.logits[0], out.frames
         stats = dict.fromkeys(STAT_NAMES, 0.0)
         stats["correct"], stats["total"] = accuracy_counts(logits, frames, b["flabels"] if data.level == "frame"
                                                            else b["label"])
@@ -101,16 +109,16 @@ class EvalPredictor:
             stats["kl_sum"] = float((kd_kl(logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
         stats["t_total"] = float(tv.sum())
         if self.pitch:
-            stats.update(self._pitch(logits, frames, b))
-        return {k: np.array([v]) for k, v in stats.items()}
+            stats.update(self._pitch(logits, frames, b, self.confidence_kind[i]))
+        return stats
 
-    def _pitch(self, logits, frames, b) -> dict:
+    def _pitch(self, logits, frames, b, kind: str) -> dict:
         """Pitch counts of the rows that have a reference contour (.f0.npy)."""
         from pipeline import pitch
 
         total = pitch.PitchCounts()
         cents = pitch.decode(logits).cpu().numpy()  # (B, T)
-        conf = pitch.confidence(logits, self.confidence_kind).cpu().numpy()
+        conf = pitch.confidence(logits, kind).cpu().numpy()
         f0, f0_len, T = b["f0"].cpu().numpy(), b["f0_len"].cpu().numpy(), frames.cpu().numpy()
         for i in np.nonzero(f0_len)[0]:
             ref = pitch.align_reference(f0[i, : f0_len[i]], self.data.frame_shift_ms, int(T[i]), F0_FRAME_MS)
@@ -118,28 +126,28 @@ class EvalPredictor:
         return {k: float(getattr(total, k)) for k in PITCH_STATS}
 
 
-def model_facts(args, trust: tuple) -> dict:
-    """modality, level, num_classes, frame_shift_ms, preprocessing of --checkpoint: from a
+def model_facts(args, checkpoint: str, trust: tuple) -> dict:
+    """modality, level, num_classes, frame_shift_ms, preprocessing of a --checkpoint: from a
     checkpoint's config.json, else from the model itself (what it declares, flags on top, and
     a forward pass for the output shape)."""
-    spec = parse_spec(args.checkpoint, trust)
+    spec = parse_spec(checkpoint, trust)
     if spec.kind == "checkpoint":
         return dict(spec.config)
     model = build_model(spec)
     info = describe_model(spec, model)
     modality = info["modality"] or (info["preprocessing"] or {}).get("modality")
     if modality is None:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: the model does not say its modality; give a checkpoint "
+        raise ConfigError(f"--checkpoint {checkpoint}: the model does not say its modality; give a checkpoint "
                           "or a model that declares it")
     prep = resolve_preprocessing(modality, info["preprocessing"], args)
     try:
         out = probe_output(model, prep)
     except Exception as e:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: forward pass on a blank {modality} input failed "
+        raise ConfigError(f"--checkpoint {checkpoint}: forward pass on a blank {modality} input failed "
                           f"({type(e).__name__}: {e}); check the preprocessing flags") from None
     level = "frame" if out.dim() == 3 else "utterance"
     if level == "frame" and not info["frame_shift_ms"]:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: a frame-level model must declare frame_shift_ms")
+        raise ConfigError(f"--checkpoint {checkpoint}: a frame-level model must declare frame_shift_ms")
     return {"modality": modality, "level": level, "num_classes": int(out.shape[-1]),
             "frame_shift_ms": info["frame_shift_ms"], "preprocessing": prep}
 
@@ -150,7 +158,13 @@ def run(argv=None) -> int:
     args = parse_args(parser, argv)
     try:
         trust = check_trust_modules(args.trust_module)
-        ck = model_facts(args, trust)
+        facts = [model_facts(args, c, trust) for c in args.checkpoint]
+        ck = facts[0]
+        for c, f in zip(args.checkpoint[1:], facts[1:]):
+            for key in ("modality", "level", "num_classes", "frame_shift_ms", "preprocessing"):
+                if f.get(key) != ck.get(key):
+                    raise ConfigError(f"--checkpoint {c}: its {key} {f.get(key)!r} differs from {args.checkpoint[0]}'s "
+                                      f"{ck.get(key)!r}; models evaluated in one pass must see the same input")
         soft_run = None
         if len(args.input) == 1 and storage.exists(storage.join(args.input[0], MANIFEST_FILE)):
             soft_run = SoftTargetRun(args.input[0])
@@ -190,34 +204,45 @@ def run(argv=None) -> int:
         print(f"[evaluate] error: {message}", file=sys.stderr, flush=True)
         return 1
     seconds = time.monotonic() - t0
+    results = [model_result(args, c, i, ck, totals, soft_run, pitch, seconds) for i, c in enumerate(args.checkpoint)]
+    result = results[0] if len(results) == 1 else {"input": args.input, "seconds": round(seconds, 2),
+                                                   "models": results}
+    if args.output:
+        storage.atomic_write_bytes(args.output, (json.dumps(result, indent=1) + "\n").encode())
+    for r in results:
+        if len(results) > 1:
+            print(f"[evaluate] {r['checkpoint']}")
+        for k in ("accuracy", "agreement", "kl"):
+            if r.get(k) is not None:
+                print(f"[evaluate] {k:<10} {r[k]:.4f}")
+        for k in ("rpa", "rca", "voicing_recall", "voicing_false_alarm"):
+            if r.get("pitch", {}).get(k) is not None:
+                print(f"[evaluate] {k:<10} {r['pitch'][k]:.4f}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def model_result(args, checkpoint: str, i: int, ck: dict, totals: dict, soft_run, pitch: bool, seconds: float) -> dict:
+    """The result object of model i from the summed statistics."""
+    t = {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith(f"{i}.")}
     unit = "frames" if ck["level"] == "frame" else "samples"
-    result = {"checkpoint": args.checkpoint, "input": args.input, "mode": "softtargets" if soft_run else "labeled",
-              "level": ck["level"], unit: int(totals["total"] or totals["t_total"]), "seconds": round(seconds, 2)}
+    result = {"checkpoint": checkpoint, "input": args.input, "mode": "softtargets" if soft_run else "labeled",
+              "level": ck["level"], unit: int(t["total"] or t["t_total"]), "seconds": round(seconds, 2)}
     if soft_run:
-        n = totals["t_total"]
-        result["agreement"] = totals["agree"] / n if n else None
-        result["kl"] = totals["kl_sum"] / n if n else None
-        if totals["total"]:
-            result["accuracy"] = totals["correct"] / totals["total"]
+        n = t["t_total"]
+        result["agreement"] = t["agree"] / n if n else None
+        result["kl"] = t["kl_sum"] / n if n else None
+        if t["total"]:
+            result["accuracy"] = t["correct"] / t["total"]
     else:
-        result["accuracy"] = totals["correct"] / totals["total"] if totals["total"] else None
+        result["accuracy"] = t["correct"] / t["total"] if t["total"] else None
     if pitch:
         from pipeline.pitch import PitchCounts
 
-        counts = PitchCounts(**{k: type(getattr(PitchCounts(), k))(totals[k]) for k in PITCH_STATS})
+        counts = PitchCounts(**{k: type(getattr(PitchCounts(), k))(t[k]) for k in PITCH_STATS})
         result["pitch"] = {k: (None if isinstance(v, float) and v != v else v) for k, v in counts.metrics().items()}
         result["pitch"]["voicing_threshold"] = args.voicing_threshold
-    text = json.dumps(result)
-    if args.output:
-        storage.atomic_write_bytes(args.output, (json.dumps(result, indent=1) + "\n").encode())
-    for k in ("accuracy", "agreement", "kl"):
-        if result.get(k) is not None:
-            print(f"[evaluate] {k:<10} {result[k]:.4f}")
-    for k in ("rpa", "rca", "voicing_recall", "voicing_false_alarm"):
-        if result.get("pitch", {}).get(k) is not None:
-            print(f"[evaluate] {k:<10} {result['pitch'][k]:.4f}")
-    print(text, flush=True)
-    return 0
+    return result
 
 
 def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: SoftTargetRun | None,
@@ -236,11 +261,11 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: So
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size, batch_format="pyarrow",
-                        fn_constructor_kwargs={"checkpoint": args.checkpoint, "trust": trust, "data": data,
+                        fn_constructor_kwargs={"checkpoints": list(args.checkpoint), "trust": trust, "data": data,
                                                "device": "cuda" if gpu else "cpu", "pitch": pitch,
                                                "voicing_threshold": args.voicing_threshold},
                         compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if gpu else 0)
-    names = STAT_NAMES + (PITCH_STATS if pitch else ())
+    names = [f"{i}.{k}" for i in range(len(args.checkpoint)) for k in STAT_NAMES + (PITCH_STATS if pitch else ())]
     totals = dict.fromkeys(names, 0.0)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in names:
