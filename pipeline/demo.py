@@ -163,13 +163,16 @@ def run(argv=None) -> int:
                                  train)
 
     results = []
-    for name, path in ckpt.items():
-        final = storage.join(path, "final")
-        report_file = storage.join(out, "eval", f"{name}.json")
-        timings[f"eval_{name}"] = _step(f"5. evaluate {name} on the test set", "evaluate.py",
-                                        ["--checkpoint", final, "--input", test, "--output", report_file]
-                                        + (["--address", args.address] if args.address else []), evaluate)
-        ev = json.loads(storage.read_bytes(report_file))
+    finals = {name: storage.join(path, "final") for name, path in ckpt.items()}
+    all_file = storage.join(out, "eval", "all.json")
+    # every model in one pass over the test set: decoded once, each model's forward on the batch
+    timings["eval"] = _step("5. evaluate every model on the test set", "evaluate.py",
+                            ["--checkpoint", *finals.values(), "--input", test, "--output", all_file]
+                            + (["--address", args.address] if args.address else []), evaluate)
+    evals = {r["checkpoint"]: r for r in json.loads(storage.read_bytes(all_file))["models"]}
+    for name, final in finals.items():
+        ev = evals[final]
+        storage.atomic_write_bytes(storage.join(out, "eval", f"{name}.json"), (json.dumps(ev, indent=1) + "\n").encode())
         what = "teacher trained on the labeled set" if name == "teacher" else \
             next(s.what for s in students(k) if s.name == name)
         results.append({"name": name, "description": what, "test_accuracy": ev["accuracy"], "checkpoint": final,

@@ -196,10 +196,11 @@ class RunWriter:
         if storage.exists(parts):
             removed += len(storage.list_sizes(parts, recursive=True))
             storage.remove(parts)
-        for rel in _listing(self.uri, "."):  # a killed manifest write (not the live lease's)
-            if storage.basename(rel).startswith(".tmp-manifest"):
-                storage.remove(storage.join(self.uri, storage.basename(rel)))
-                removed += 1
+        if not storage.is_remote(self.uri):  # a killed local manifest write (S3 PUTs leave none)
+            for rel in _listing(self.uri, "."):
+                if storage.basename(rel).startswith(".tmp-manifest"):
+                    storage.remove(storage.join(self.uri, storage.basename(rel)))
+                    removed += 1
         return removed
 
     # -- committing ---------------------------------------------------------------------
