@@ -88,6 +88,9 @@ def run(argv=None, tracker_cls: type[ShardTracker] = ShardTracker) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     early = (ConfigError, FileNotFoundError, FormatError, LeaseHeld, StorageError)
+    # Workers write the run directory, in working directories of their own: a relative
+    # --output must mean the directory the job was started in.
+    args.output = storage.absolute(args.output)
     try:
         ex = exec_plan(args)
         refs = storage.expand_shards(args.input, SHARD_EXTENSIONS)

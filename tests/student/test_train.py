@@ -173,6 +173,10 @@ def test_relative_paths_mean_the_launch_directory(cache, tmp_path, monkeypatch, 
     assert 0 <= history[0]["data_wait_share"] <= 1
     assert (tmp_path / "out" / "metrics.jsonl").is_file() and (tmp_path / "out" / "final" / "model.safetensors").is_file()
     assert summary["last"]["epoch"] == 1 and "done: epoch 1 step 1" in text
+    # the teacher stage's workers write the run directory: a relative --output is the launch directory's
+    assert pseudo_label(["--input", "lab", "--output", "st", "--teacher", TEACHER, "--progress-interval", "5"]) == 0
+    capsys.readouterr()
+    assert SoftTargetRun("st").shard_names == ["shard-0000"] and (tmp_path / "st" / "shards" / "shard-0000.parquet").is_file()
 
 
 def test_incompatible_caches_are_refused(cache, tmp_path, capsys):
