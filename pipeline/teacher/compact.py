@@ -60,3 +60,13 @@ def compact_shard(run_uri: str, facts: RunFacts, name: str, input_uri: str, part
     for rel in parts:  # consumed; a part left by a crash is removed by the next run's cleanup
         storage.remove(storage.join(run_uri, rel))
     return rec
+
+
+class Compactor:
+    """A long-lived Ray actor that compacts shards of one run (``compact_shard``)."""
+
+    def __init__(self, run_uri: str, facts: RunFacts):
+        self.run_uri, self.facts = run_uri, facts
+
+    def compact(self, name: str, input_uri: str, parts: list[str], expected: int, expected_hash: int) -> ShardRecord:
+        return compact_shard(self.run_uri, self.facts, name, input_uri, parts, expected, expected_hash)

@@ -169,17 +169,26 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
 
 
 def ray_compactor(run_uri: str, facts):
-    """(compact, wait) for ShardTracker: compaction as Ray tasks spread over the nodes."""
+    """(compact, wait) for ShardTracker: compaction on a few long-lived actors spread over the
+    nodes (at least two, one per node beyond that), called round-robin.
+
+    Actors, not tasks: a task per shard would often land on a fresh worker process and pay its
+    start-up (imports) every time, which costs more than compacting a small shard. No CPU is
+    reserved: a compaction is a little I/O and a sort, and must never queue behind the decode
+    tasks that fill every CPU."""
+    import itertools
+
     import ray
 
-    from pipeline.teacher.compact import compact_shard
+    from pipeline.teacher.compact import Compactor
 
-    # No CPU reserved: a compaction is a little I/O and a sort, and it must never queue behind
-    # the decode tasks that fill every CPU; SPREAD shares the writes out over the nodes.
-    task = ray.remote(num_cpus=0, scheduling_strategy="SPREAD", max_retries=2)(compact_shard)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
+    pool = [actor.options(scheduling_strategy="SPREAD").remote(run_uri, facts) for _ in range(max(2, len(nodes)))]
+    turn = itertools.cycle(pool)
 
     def compact(name, input_uri, parts, expected, expected_hash):
-        return task.remote(run_uri, facts, name, input_uri, parts, expected, expected_hash)
+        return next(turn).compact.remote(name, input_uri, parts, expected, expected_hash)
 
     def wait(refs, timeout):
         ready, rest = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
