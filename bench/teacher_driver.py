@@ -87,7 +87,7 @@ def run_kdpipe(tag: str, work: str, inputs: list[str], teacher: str, extra: list
             "driver_bytes_per_sample": s["driver_bytes_received"] / max(s["samples"], 1),
             "driver_bytes_per_frame": s["driver_bytes_received"] / s["frames"] if s["frames"] else None,
             "bytes_written": s["bytes_written"], "peak_driver_rss": res.tree.peak_driver_rss,
-            "driver_cpu_s": res.tree.cpu_by_role.get("driver", 0.0)}
+            "driver_cpu_s": res.tree.cpu_by_role.get("driver", 0.0), "cpu_by_role": res.tree.cpu_by_role}
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +160,8 @@ def run_naive(work: str, shards: list[str], batch: int) -> dict:
     with open(result) as f:
         r = json.load(f)
     return {**r, "samples_per_s": r["samples"] / r["seconds"], "wall": round(res.wall, 1),
-            "peak_driver_rss": res.tree.peak_driver_rss, "driver_cpu_s": res.tree.cpu_by_role.get("driver", 0.0)}
+            "peak_driver_rss": res.tree.peak_driver_rss, "driver_cpu_s": res.tree.cpu_by_role.get("driver", 0.0),
+            "cpu_by_role": res.tree.cpu_by_role}
 
 
 def main(argv=None) -> int:
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
               f"samples/s: ratio {ratio:.2f}   target >= 0.9   (end to end, Ray start included: "
               f"{results['wall_ratio']:.2f})")
         print(f"  driver CPU                kdpipe {big['driver_cpu_s']:.1f} s, naive {naive['driver_cpu_s']:.1f} s")
+        for name, r in (("kdpipe", big), ("naive", naive)):
+            top = ", ".join(f"{role} {sec:.1f}" for role, sec in list(r["cpu_by_role"].items())[:6])
+            print(f"  CPU-s by process, {name:<6} {top}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.names import SHARD_EXTENSIONS, shard_name, split_member, unique_shard_names  # noqa: F401 (re-exported)
 from pipeline.modalities import AUDIO_EXTENSIONS, DEFAULT_LIMITS, IMAGE_EXTENSIONS, DecodeError, DecodeLimits
 
-SHARD_EXTENSIONS = (".tar", ".parquet")
 MEDIA_EXTENSIONS = AUDIO_EXTENSIONS + IMAGE_EXTENSIONS
 
 
@@ -35,54 +35,6 @@ class RawSample:
     members: dict[str, bytes] | None = None  # every member of a tar sample, by extension
     error: DecodeError | None = None
     member_error: bool = False
-
-
-def shard_name(uri: str) -> str:
-    """Output name of an input shard: its file name without the extension."""
-    base = storage.basename(uri)
-    for ext in SHARD_EXTENSIONS:
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
-
-
-def unique_shard_names(uris: list[str], taken: dict[str, str] | None = None) -> dict[str, str]:
-    """{uri: name}; names are file stems, prefixed with parent folders only where two collide.
-
-    taken: {name: uri} already used in the run directory; a new uri never gets one of those
-    names, and a uri found there keeps its name.
-    """
-    taken = dict(taken or {})
-    by_uri = {u: n for n, u in taken.items()}
-    new = [u for u in uris if u not in by_uri]
-    names = {u: shard_name(u) for u in new}
-    depth = 1
-
-    def clashes() -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for n in list(names.values()) + list(taken):
-            counts[n] = counts.get(n, 0) + 1
-        return counts
-
-    while any(c > 1 for c in clashes().values()) and depth < 16:
-        depth += 1
-        counts = clashes()
-        for u in new:
-            if counts[names[u]] > 1:
-                parts = u.rstrip("/").split("/")
-                names[u] = "__".join(parts[-depth:-1] + [shard_name(u)])
-    if any(c > 1 for c in clashes().values()):
-        raise ValueError("input shards have names that cannot be told apart")
-    return {u: by_uri.get(u) or names[u] for u in uris}
-
-
-def split_member(name: str) -> tuple[str, str]:
-    """'dir/abc.flac' -> ('dir/abc', 'flac'); WebDataset keys end at the basename's first dot."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :]
 
 
 def _to_sample(key: str, members: dict[str, bytes], exts: tuple[str, ...]) -> RawSample:

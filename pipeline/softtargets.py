@@ -172,11 +172,4 @@ def topk_logits(logprobs: torch.Tensor, logsumexp: torch.Tensor, k: int | None =
     return logprobs[..., :k].float() + logsumexp.float().unsqueeze(-1)
 
 
-def id_dtype(num_classes: int) -> np.dtype:
-    """Smallest unsigned integer dtype that holds class ids 0..C-1."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if num_classes - 1 <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
+from pipeline.shards.schema import id_dtype  # noqa: E402,F401 (the format's rule; re-exported)

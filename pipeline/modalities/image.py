@@ -105,7 +105,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Im
             raise DecodeError("image_too_large", f"{w}x{h} = {w * h:,} pixels, above the limit of "
                                                  f"{limits.max_image_pixels:,} (--max-image-pixels)")
         img.load()  # decode now, so truncated files fail here and not later
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Image.DecompressionBombError as e:
         raise DecodeError("image_too_large", str(e)) from None
     except MemoryError:
@@ -165,6 +165,8 @@ def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = 
         arr = _tensor_resize(img, nw, nh, prep)
     else:
         arr = np.asarray(img, dtype=np.uint8)
+    if (nw, nh) == (prep.crop, prep.crop):  # nothing to crop: the decoded array itself
+        return arr if arr.flags.writeable else arr.copy()
     top, left = _crop_offset(nh, prep.crop, prep.crop_offset), _crop_offset(nw, prep.crop, prep.crop_offset)
     return arr[top: top + prep.crop, left: left + prep.crop].copy()  # (crop, crop, 3), contiguous, writable
 

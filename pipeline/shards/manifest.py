@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.shards.schema import FORMAT_NAME, FORMAT_VERSION, LEVELS
-from pipeline.softtargets import id_dtype
+from pipeline.shards.schema import id_dtype
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.inputs import unique_shard_names
+from pipeline.names import unique_shard_names
 from pipeline.shards import commitlog
 from pipeline.shards.files import (
     errors_table, iter_shard_tables, read_errors, read_shard_bytes, read_shard_numpy, read_shard_table,

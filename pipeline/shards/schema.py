@@ -27,7 +27,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.softtargets import TopK, id_dtype
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the format needs no torch; only rows_from_topk takes a TopK
+    from pipeline.softtargets import TopK
 
 FORMAT_NAME = "kdpipe.softtargets"
 FORMAT_VERSION = 2
@@ -43,6 +46,16 @@ ERRORS_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+def id_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds class ids 0..C-1."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
 
 
 def arrow_id_type(num_classes: int) -> pa.DataType:

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow as pa
 
-from pipeline.inputs import split_member
+from pipeline.names import split_member
 from pipeline.shards.schema import VALUE_COLUMNS, _storage_dtypes, table_from_rows
 
 

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-PART, END = 0, 1
+PART, END = 0, 1  # kinds of the records actors hand the driver
+SAMPLE, ERROR, END_ROW = 0, 1, 2  # kinds of the rows decode tasks emit (END_ROW: a shard's last)
 MASK64 = (1 << 64) - 1
 RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()),

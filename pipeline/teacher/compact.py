@@ -18,8 +18,7 @@ from pipeline import storage
 from pipeline.shards.files import write_shard_files
 from pipeline.shards.manifest import FormatError, RunFacts, ShardRecord
 from pipeline.shards.schema import ERRORS_SCHEMA, softtarget_schema
-from pipeline.teacher.accounting import key_hash
-from pipeline.teacher.decode import ERROR, SAMPLE
+from pipeline.teacher.accounting import ERROR, SAMPLE, key_hash
 
 
 def compact_shard(run_uri: str, facts: RunFacts, name: str, input_uri: str, parts: list[str], expected: int,

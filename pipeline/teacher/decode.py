@@ -16,9 +16,8 @@ import pyarrow as pa
 from pipeline.inputs import iter_prepared
 from pipeline.modalities import DEFAULT_LIMITS, DecodeError, DecodeLimits, chunk_key
 from pipeline.modalities.payload import payload_array, payload_type
-from pipeline.teacher.accounting import key_hash
-
-SAMPLE, ERROR, END = 0, 1, 2
+from pipeline.teacher.accounting import END_ROW as END
+from pipeline.teacher.accounting import ERROR, SAMPLE, key_hash  # noqa: F401 (SAMPLE, ERROR, END re-exported)
 
 
 def stage_schema(prep) -> pa.Schema:

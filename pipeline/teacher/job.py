@@ -169,8 +169,8 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
 
 
 def ray_compactor(run_uri: str, facts):
-    """(compact, wait) for ShardTracker: compaction on a few long-lived actors spread over the
-    nodes (at least two, one per node beyond that), called round-robin.
+    """(compact, wait) for ShardTracker: compaction on long-lived actors, one per node (SPREAD),
+    called round-robin.
 
     Actors, not tasks: a task per shard would often land on a fresh worker process and pay its
     start-up (imports) every time, which costs more than compacting a small shard. No CPU is
@@ -184,7 +184,7 @@ def ray_compactor(run_uri: str, facts):
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
-    pool = [actor.options(scheduling_strategy="SPREAD").remote(run_uri, facts) for _ in range(max(2, len(nodes)))]
+    pool = [actor.options(scheduling_strategy="SPREAD").remote(run_uri, facts) for _ in range(max(1, len(nodes)))]
     turn = itertools.cycle(pool)
 
     def compact(name, input_uri, parts, expected, expected_hash):

@@ -28,7 +28,8 @@ from pipeline.shards.schema import rows_from_topk, softtarget_schema, table_from
 from pipeline.softtargets import TopK, ensemble_logprobs, topk_from_logits, topk_from_logprobs
 from pipeline.teacher.accounting import END as END_RECORD
 from pipeline.teacher.accounting import PART, key_hash, records_table
-from pipeline.teacher.decode import END, ERROR, SAMPLE
+from pipeline.teacher.accounting import END_ROW as END
+from pipeline.teacher.accounting import ERROR, SAMPLE
 
 
 def part_schema(level: str, k: int, num_classes: int) -> pa.Schema:
