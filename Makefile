@@ -1,11 +1,11 @@
-# make setup | make test | make demo | make demo-images
+# make setup | make test | make demo | make demo-images | make demo-pitch
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo demo-images clean
+.PHONY: setup test demo demo-images demo-pitch clean
 setup: $(STAMP)
 
 # Idempotent: the venv is (re)installed only when pyproject.toml changes.
@@ -23,6 +23,9 @@ demo: setup
 
 demo-images: setup
 	$(BIN)/python jobs/demo.py --modality image
+
+demo-pitch: setup
+	$(BIN)/python jobs/demo_pitch.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,9 +29,18 @@ def errors_table(rows: list[dict]) -> pa.Table:
     )
 
 
+_EMPTY_ERRORS: bytes | None = None
+
+
 def encode_errors(table: pa.Table) -> bytes:
+    """The errors table as Parquet (zstd); the empty one, most shards' case, is encoded once."""
+    global _EMPTY_ERRORS
+    if table.num_rows == 0 and _EMPTY_ERRORS is not None:
+        return _EMPTY_ERRORS
     buf = io.BytesIO()
     pq.write_table(table.select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA), buf, compression="zstd")
+    if table.num_rows == 0:
+        _EMPTY_ERRORS = buf.getvalue()
     return buf.getvalue()
 
 

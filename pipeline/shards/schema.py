@@ -170,6 +170,39 @@ def table_from_rows(keys: list[str], rows: dict[str, list], level: str, k: int, 
     return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in schema], schema=schema)
 
 
+def table_from_topk(keys, topk: TopK, level: str, k: int, num_classes: int,
+                    num_frames: np.ndarray | None = None) -> pa.Table:
+    """A batch of TopK straight into a canonical table, column by column (no per-row arrays).
+
+    keys: B strings (list or Arrow array); topk fields (B, ...) or (B, T, ...); frame level:
+    num_frames (B,) valid frames per row (the rest is padding, neither checked nor kept).
+    Equal to table_from_rows(keys, rows_from_topk(...)) and much cheaper for large batches.
+    """
+    schema = softtarget_schema(level, k, num_classes)
+    dtypes = _storage_dtypes(num_classes)
+    arrays = topk.to_numpy()
+    n = len(keys)
+    cols: dict[str, pa.Array] = {"key": keys if isinstance(keys, (pa.Array, pa.ChunkedArray))
+                                 else pa.array(list(keys), type=pa.string())}
+    if level == "frame":
+        frames = np.asarray(num_frames, dtype=np.int32).reshape(n)
+        T = arrays["ids"].shape[1] if n else 0
+        mask = np.arange(T)[None, :] < frames[:, None]  # (B, T) valid frames, row-major = row order
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(frames, out=offsets[1:])
+        cols["num_frames"] = pa.array(frames, type=pa.int32())
+    for c in VALUE_COLUMNS:
+        vals = arrays[c][mask] if level == "frame" else arrays[c]  # (F, k) / (F,) or (B, k) / (B,)
+        vals = _to_storage(c, vals, dtypes[c], num_classes, "batch")
+        if c in ("ids", "logprobs"):
+            col = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1)), k)
+        else:
+            col = pa.array(vals.reshape(-1))
+        cols[c] = pa.ListArray.from_arrays(pa.array(offsets), col) if level == "frame" else col
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) if cols[f.name].type != f.type else cols[f.name]
+                                 for f in schema], schema=schema)
+
+
 def table_to_numpy(table: pa.Table, level: str) -> dict[str, np.ndarray]:
     """Canonical table -> numpy columns.
 

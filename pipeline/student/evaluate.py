@@ -100,13 +100,13 @@ class EvalPredictor:
         stats = dict.fromkeys(STAT_NAMES, 0.0)
         stats["correct"], stats["total"] = accuracy_counts(logits, frames, b["flabels"] if data.level == "frame"
                                                            else b["label"])
-        T, tv = target_positions(logits, frames, b)
+        at_t, T, tv = target_positions(logits, frames, b, data.teacher_stride)
         if T is None:
-            stats["agree"] = float(((logits.argmax(-1) == b["t_ids"][:, 0]) & tv).sum())
-            stats["kl_sum"] = float((kd_kl(logits, b["t_ids"], b["t_lp"]) * tv).sum())
+            stats["agree"] = float(((at_t.argmax(-1) == b["t_ids"][:, 0]) & tv).sum())
+            stats["kl_sum"] = float((kd_kl(at_t, b["t_ids"], b["t_lp"]) * tv).sum())
         elif T:
-            stats["agree"] = float(((logits[:, :T].argmax(-1) == b["t_ids"][:, :T, 0]) & tv).sum())
-            stats["kl_sum"] = float((kd_kl(logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
+            stats["agree"] = float(((at_t[:, :T].argmax(-1) == b["t_ids"][:, :T, 0]) & tv).sum())
+            stats["kl_sum"] = float((kd_kl(at_t[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T]) * tv).sum())
         stats["t_total"] = float(tv.sum())
         if self.pitch:
             stats.update(self._pitch(logits, frames, b, self.confidence_kind[i]))
@@ -185,10 +185,18 @@ def run(argv=None) -> int:
         if pitch and (ck["level"] != "frame" or ck["num_classes"] != 360):
             raise ConfigError(f"--task pitch: needs a frame-level model over CREPE's 360 pitch bins, not "
                               f"{ck['level']} level with {ck['num_classes']} classes")
+        stride = 1
+        if soft_run and ck["level"] == "frame":
+            ratio = soft_run.manifest.frame_shift_ms / ck["frame_shift_ms"]
+            if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+                raise ConfigError(f"--input {args.input[0]}: teacher frames {soft_run.manifest.frame_shift_ms} ms apart "
+                                  f"are not a whole multiple of the model's {ck['frame_shift_ms']} ms")
+            stride = int(round(ratio))
         data = DataPlan(modality=ck["modality"], level=ck["level"],
                         preprocessing=preprocessing_from_dict(ck["preprocessing"]), num_classes=ck["num_classes"],
                         stored_k=soft_run.manifest.k if soft_run else 1,
                         label_frame_shift_ms=args.label_frame_shift_ms, frame_shift_ms=ck.get("frame_shift_ms"),
+                        teacher_stride=stride,
                         limits=limits_from_args(args))
     except (SpecError, ConfigError, FormatError, FileNotFoundError, StorageError) as e:
         parser.error(str(e))

@@ -186,16 +186,20 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
     if level == "frame" and frame_shift is None:
         raise ConfigError(f"--student {args.student}: a frame-level student must declare frame_shift_ms")
 
-    stored_k = num_classes
+    stored_k, teacher_stride = num_classes, 1
     if manifest is not None:
         where = f"--soft-targets {args.soft_targets}"
         if manifest.level != level:
             raise ConfigError(f"{where}: the cache is {manifest.level} level but the student outputs {level} level")
         if manifest.num_classes != num_classes:
             raise ConfigError(f"{where}: the cache has {manifest.num_classes} classes but the student outputs {num_classes}")
-        if level == "frame" and abs(manifest.frame_shift_ms - frame_shift) > 1e-6:
-            raise ConfigError(f"{where}: the teacher's frames are {manifest.frame_shift_ms} ms apart but the student's "
-                              f"are {frame_shift} ms; the student's frame rate must match the teacher's")
+        if level == "frame":
+            ratio = manifest.frame_shift_ms / frame_shift
+            if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+                raise ConfigError(f"{where}: the teacher's frames are {manifest.frame_shift_ms} ms apart but the "
+                                  f"student's are {frame_shift} ms; the student's frame rate must match the teacher's "
+                                  "or be a whole multiple of it (every k-th student frame is then distilled)")
+            teacher_stride = int(round(ratio))
         stored_k = manifest.k
     if args.top_k is not None and not 1 <= args.top_k <= stored_k:
         raise ConfigError(f"--top-k {args.top_k}: must be between 1 and the stored k={stored_k}")
@@ -257,7 +261,7 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
         raise ConfigError("--alpha 1 puts all weight on labels, but there is no labeled data")
     data = DataPlan(modality=modality, level=level, preprocessing=preprocessing_from_dict(prep),
                     num_classes=num_classes, stored_k=stored_k, label_frame_shift_ms=args.label_frame_shift_ms,
-                    frame_shift_ms=frame_shift, limits=limits_from_args(args))
+                    frame_shift_ms=frame_shift, teacher_stride=teacher_stride, limits=limits_from_args(args))
     loss = LossPlan(loss=args.loss, temperature=args.temperature, k=args.top_k, tail=args.tail, alpha=alpha,
                     confidence_threshold=args.confidence_threshold)
     optim = OptimPlan(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,

@@ -35,14 +35,22 @@ def accuracy_counts(logits: torch.Tensor, s_len: torch.Tensor | None, labels: to
     return float(((logits.argmax(-1) == labels) & valid).sum()), float(valid.sum())
 
 
-def target_positions(logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[int | None, torch.Tensor]:
-    """(T, valid) where the teacher targets of batch ``b`` apply.
+def target_positions(logits: torch.Tensor, s_len: torch.Tensor | None, b: dict, stride: int = 1
+                     ) -> tuple[torch.Tensor, int | None, torch.Tensor]:
+    """(the student's logits at the teacher's frames, T, valid) where batch ``b``'s teacher
+    targets apply.
 
-    Utterance: (None, has_t (B,)). Frame: T = min(S, teacher frames in the batch) and valid
-    (B, T): within both the student's and the teacher's frames of the row, on rows with targets.
+    Utterance: (logits, None, has_t (B,)). Frame: the teacher's frames are every ``stride``-th
+    student frame (a teacher frame shift that is a whole multiple of the student's: frame j of
+    the teacher is centred where frame j * stride of the student is); T = min(those frames,
+    teacher frames in the batch) and valid (B, T): inside both the student's and the teacher's
+    frames of the row, on rows with targets.
     """
     if logits.dim() == 2:
-        return None, b["has_t"]
+        return logits, None, b["has_t"]
+    if stride > 1:
+        logits = logits[:, ::stride]
+        s_len = torch.div(s_len + stride - 1, stride, rounding_mode="floor")
     T = min(logits.shape[1], b["t_ids"].shape[1])
     valid = valid_frames(torch.minimum(s_len, b["t_frames"]), T) & b["has_t"].unsqueeze(1)
-    return T, valid
+    return logits, T, valid

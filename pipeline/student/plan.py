@@ -22,7 +22,8 @@ class DataPlan:
     num_classes: int
     stored_k: int  # teacher classes per target in the cache (num_classes without one)
     label_frame_shift_ms: float = 10.0  # of .frames.npy labels
-    frame_shift_ms: float | None = None  # the student's (= the teacher's) output frame shift
+    frame_shift_ms: float | None = None  # the student's output frame shift
+    teacher_stride: int = 1  # student frames per teacher frame: the teacher's shift / the student's
     limits: DecodeLimits = DEFAULT_LIMITS
     rows_per_block: int = 1024
 

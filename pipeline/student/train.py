@@ -64,19 +64,21 @@ class StepLoss:
     (pipeline.student.metrics).
     """
 
-    def __init__(self, loss: LossPlan):
+    def __init__(self, loss: LossPlan, teacher_stride: int = 1):
+        """teacher_stride: student frames per teacher frame (frame level; 1: the same rate)."""
         self.plan = loss
+        self.stride = teacher_stride
 
     def __call__(self, logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[torch.Tensor, dict]:
         """logits (B, C) or (B, S, C); s_len (B,) valid student frames (frame level) -> (loss, sums)."""
         p = self.plan
-        T, soft_w = target_positions(logits, s_len, b)
+        at_t, T, soft_w = target_positions(logits, s_len, b, self.stride)
         if T is None:
             soft_w = soft_w & (b["t_conf"] >= p.confidence_threshold)
-            soft = distill_loss(p.loss, logits, b["t_ids"], b["t_lp"], b["t_lse"], p.temperature, p.k, p.tail)
+            soft = distill_loss(p.loss, at_t, b["t_ids"], b["t_lp"], b["t_lse"], p.temperature, p.k, p.tail)
         else:
             soft_w = soft_w & (b["t_conf"][:, :T] >= p.confidence_threshold)
-            soft = distill_loss(p.loss, logits[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T], b["t_lse"][:, :T],
+            soft = distill_loss(p.loss, at_t[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T], b["t_lse"][:, :T],
                                 p.temperature, p.k, p.tail) if T else logits.new_zeros(logits.shape[0], 0)
         lab_logits, labels, hard_w = label_positions(logits, s_len, b["label"] if logits.dim() == 2 else b["flabels"])
         hard = hard_ce(lab_logits, labels) if labels.numel() else logits.new_zeros(labels.shape)
@@ -199,7 +201,7 @@ def train_loop(config: dict) -> None:
         from pipeline.teacher.predictor import load_teacher
 
         online = load_teacher([plan.online_teacher], plan.trust, plan.data.preprocessing, optim.precision, device)
-    step_loss = StepLoss(plan.loss)
+    step_loss = StepLoss(plan.loss, plan.data.teacher_stride)
     collate_fn = Collate(plan.data, pin=device.type == "cuda")
     train_it = ray.train.get_dataset_shard("train")
     eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None

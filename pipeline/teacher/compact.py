@@ -33,7 +33,7 @@ def compact_shard(run_uri: str, facts: RunFacts, name: str, input_uri: str, part
             raise FormatError(f"{uri}: unreadable part ({e})") from None
     rows = pa.concat_tables(tables) if tables else None
     n = rows.num_rows if rows is not None else 0
-    got_hash = key_hash(rows.column("key").to_pylist()) if n else 0
+    got_hash = key_hash(rows.column("key")) if n else 0
     if n != expected or got_hash != expected_hash:
         raise FormatError(f"shard {name}: its parts hold {n} rows (key hash {got_hash:016x}), decode emitted "
                           f"{expected} (key hash {expected_hash:016x}); not committed")

@@ -57,7 +57,8 @@ class DecodeShards:
 
     def _table(self, name: str, samples: list[tuple[str, "object"]], errors: list[tuple[str, DecodeError]],
                end: tuple[int, int] | None) -> pa.Table:
-        samples.sort(key=lambda s: s[1].shape[0])  # by length: little padding per teacher batch
+        if self.audio:
+            samples.sort(key=lambda s: s[1].shape[0])  # by length: little padding per teacher batch
         n_s, n_e = len(samples), len(errors)
         n = n_s + n_e + (end is not None)
         arrays = [a for _, a in samples]

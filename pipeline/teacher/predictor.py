@@ -24,7 +24,7 @@ from pipeline.models.runner import ModelRunner
 from pipeline.models.spec import build_model, parse_spec
 from pipeline.shards.files import node_id
 from pipeline.shards.manifest import PARTS_DIR, RunFacts
-from pipeline.shards.schema import rows_from_topk, softtarget_schema, table_from_rows
+from pipeline.shards.schema import softtarget_schema, table_from_topk
 from pipeline.softtargets import TopK, ensemble_logprobs, topk_from_logits, topk_from_logprobs
 from pipeline.teacher.accounting import END as END_RECORD
 from pipeline.teacher.accounting import PART, key_hash, records_table
@@ -108,9 +108,8 @@ class TeacherPredictor:
             sel = torch.from_numpy(good).to(topk.ids.device)
             topk = TopK(**{c: getattr(topk, c).index_select(0, sel) for c in TopK.__dataclass_fields__})
             frames = out_frames.index_select(0, sel).cpu().numpy() if out_frames is not None else None
-            rows = rows_from_topk(topk, f.num_classes, frames)
-            good_keys = keys.take(pa.array(good))
-            st = table_from_rows(good_keys.to_pylist(), rows, f.level, f.k, f.num_classes)
+            good_keys = keys if len(good) == len(keys) else keys.take(pa.array(good))
+            st = table_from_topk(good_keys, topk, f.level, f.k, f.num_classes, frames)
             n = len(good)
             cols = {c: st.column(c) for c in st.column_names}
             cols.update(kind=pa.array(np.full(n, SAMPLE, np.int8)), reason=pa.nulls(n, pa.string()),
@@ -142,6 +141,6 @@ class TeacherPredictor:
                 frames = int(pc.sum(part.column("num_frames")).as_py() or 0)
             records.append({"shard": name, "kind": PART, "part": rel, "rows": int((kinds == SAMPLE).sum()),
                             "errors": int((kinds == ERROR).sum()), "frames": frames,
-                            "key_hash": key_hash(part.column("key").to_pylist()), "bytes": len(data),
+                            "key_hash": key_hash(part.column("key")), "bytes": len(data),
                             "node": self.node})
         return records

@@ -302,3 +302,16 @@ def test_writer_refuses_a_table_that_does_not_match_the_manifest(tmp_path, kd):
         w.write_shard("s1", "/in/s1", kd.make_table(["a"], 300, 3, "utterance"), [])
     assert not (tmp_path / "run" / "shards").exists() or not list((tmp_path / "run" / "shards").iterdir())
     assert SoftTargetRun(run).shard_names == []
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_table_from_topk_equals_the_per_row_path(kd, level):
+    """The teacher actors' vectorised table equals the per-row construction, padding dropped."""
+    from pipeline.shards.schema import table_from_topk
+
+    frames = [3, 0, 5, 1] if level == "frame" else None
+    topk, nf = kd.make_topk(4, 300, 5, level, frames, seed=9)
+    keys = ["a", "b.c", "d", "e"]
+    want = table_from_rows(keys, rows_from_topk(topk, 300, nf), level, 5, 300)
+    got = table_from_topk(keys, topk, level, 5, 300, nf)
+    assert got.equals(want)

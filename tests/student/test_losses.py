@@ -107,3 +107,17 @@ def test_warmup_then_cosine():
     assert lr_lambda(55, 10, 100) == pytest.approx(0.5)
     assert lr_lambda(100, 10, 100) == pytest.approx(0.0)
     assert lr_lambda(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_sparse_teacher_frames_meet_every_kth_student_frame():
+    """A teacher at 40 ms over a student at 10 ms: teacher frame j is student frame 4 j."""
+    from pipeline.student.metrics import target_positions
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 9, 6, generator=g)  # (B, S, C): student frames 0..8
+    b = {"t_ids": torch.zeros(2, 3, 2, dtype=torch.long), "t_frames": torch.tensor([3, 2]),
+         "has_t": torch.tensor([True, True])}
+    at_t, T, valid = target_positions(logits, torch.tensor([9, 5]), b, stride=4)
+    assert T == 3 and torch.equal(at_t, logits[:, [0, 4, 8]])
+    # row 2: 5 valid student frames cover teacher frames 0 and 1 (student 0, 4); it has 2 teacher frames
+    assert valid.tolist() == [[True, True, True], [True, True, False]]

@@ -1,0 +1,175 @@
+"""The pitch recipe (make demo-pitch): distil CREPE into a small frame-level pitch tracker on
+unlabeled audio, through the real jobs, and compare it with CREPE tiny, the published small model.
+
+1. the pitch corpus (jobs/make_pitch_corpus.py): an unlabeled pool (eSpeak NG speech and
+   synthesised voiced signals), a small labeled set and a test set with exact f0 per 10 ms,
+   from f0 bands and timbres the other splits never use;
+2. the pool pseudo-labelled by CREPE full (22.2 M parameters, the packaged weights) into the
+   soft-target cache: frame level, 360 pitch bins, top-k, sparse frames (one every 40 ms);
+3. the same small student (a harmonic-stack CNN, a fraction of CREPE tiny's parameters)
+   trained four ways, each over several seeds: labeled set only; the teacher's argmax bin as
+   hard labels; soft targets (all k); soft targets top-k';
+4. CREPE full, CREPE tiny and every student evaluated in one pass over the test set: raw
+   pitch accuracy (RPA), raw chroma accuracy (RCA), voicing; CPU frames/s in this process;
+5. results.json / results.md, rpa.png, contour.png.
+
+Every step is a job's own entry point with the argv printed beside it; every step resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from dataclasses import dataclass
+
+from pipeline import storage
+
+HOP_MS = 40  # teacher frames, and the students': CREPE full is the cost, so it runs on sparse frames
+TEACHER = f"pipeline.models.zoo:crepe_full?hop_ms={HOP_MS}"
+TINY = f"pipeline.models.zoo:crepe_tiny?hop_ms={HOP_MS}"
+STUDENT_FACTORY = "pipeline.models.zoo:pitch_hcnn"
+STUDENT_KWARGS = {"channels": 32, "layers": 3}
+SIZES = {
+    # clips (1 s each); student optimiser steps, clips per batch; seeds per variant
+    "full": {"pool": 300, "labeled": 8, "test": 100, "steps": 300, "batch": 10, "seeds": 3},
+    "small": {"pool": 40, "labeled": 4, "test": 20, "steps": 40, "batch": 10, "seeds": 2},
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str
+    argv: tuple[str, ...]
+    hop_ms: int  # the student's frames while training
+
+
+def variants(k: int, kprime: int) -> list[Variant]:
+    """The ways the same student is trained (names as in results.json)."""
+    soft = ("--confidence-threshold", "0.2")  # unvoiced and unsure frames carry no target (docs/recipes.md)
+    return [
+        # dense 10 ms labels: the labeled-only student gets every labeled frame there is
+        Variant("labeled_only", "labeled set only (cross-entropy, 10 ms frames)", (), 10),
+        Variant("hard_pseudo", "teacher argmax bin as a hard label on the pool + labeled set", ("--loss", "hard", *soft),
+                HOP_MS),
+        Variant(f"soft_k{k}", f"soft targets, all k={k}, T=1 + labeled set", soft, HOP_MS),
+        Variant(f"soft_k{kprime}", f"soft targets, top-{kprime}, T=1 + labeled set", ("--top-k", str(kprime), *soft),
+                HOP_MS),
+    ]
+
+
+def student_spec(hop_ms: int, weights: str | None = None) -> str:
+    kw = "&".join(f"{k}={v}" for k, v in {**STUDENT_KWARGS, "hop_ms": hop_ms}.items())
+    return f"{STUDENT_FACTORY}?{kw}" + (f"&weights={weights}" if weights else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="demo_pitch.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Distil CREPE full into a small pitch tracker on unlabeled audio; compare with CREPE tiny.")
+    p.add_argument("--size", choices=list(SIZES), default="full", help="corpus and training size (small: CI)")
+    p.add_argument("--output", default="runs/demo-pitch", help="run directory")
+    p.add_argument("--top-k", type=int, default=10, help="pitch bins the cache keeps per teacher frame")
+    p.add_argument("--kprime", type=int, default=3, help="k' of the small-k' soft variant")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed; students use seeds SEED, SEED+1, ...")
+    p.add_argument("--address", default=None, help="Ray cluster address; default: an embedded local Ray")
+    return p
+
+
+def _step(title: str, job: str, argv: list[str], fn) -> float:
+    """Run one job entry point; prints the equivalent command. Returns seconds."""
+    print(f"\n=== {title}\n$ python jobs/{job} {shlex.join(argv)}", flush=True)
+    t0 = time.monotonic()
+    rc = fn(argv)
+    if rc != 0:
+        raise SystemExit(f"demo-pitch: jobs/{job} failed with exit code {rc}")
+    return time.monotonic() - t0
+
+
+def make_corpus(size: dict, seed: int, data: str) -> dict:
+    """Generate (or reuse) the pitch corpus; returns corpus.json."""
+    from pipeline.corpus import pitch as gen
+
+    cfg = gen.PitchCorpusConfig(pool=size["pool"], labeled=size["labeled"], test=size["test"], seed=seed,
+                                shard_size=50, label_hop_ms=10.0)
+    print(f"\n=== 1. corpus\n$ python jobs/make_pitch_corpus.py --output {data} --pool {cfg.pool} --labeled "
+          f"{cfg.labeled} --test {cfg.test} --seed {seed} --shard-size 50 --label-hop-ms 10", flush=True)
+    corpus_json = storage.join(data, "corpus.json")
+    if storage.exists(corpus_json):
+        corpus = json.loads(storage.read_bytes(corpus_json))
+        counts = {k: v["count"] for k, v in corpus["splits"].items()}
+        if corpus.get("generator", {}).get("settings", {}).get("seed") == seed and \
+                counts == {"pool": cfg.pool, "labeled": cfg.labeled, "test": cfg.test}:
+            print(f"reusing the corpus in {data}")
+            return corpus
+    return gen.generate(cfg, data)
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    size = SIZES[args.size]
+    out = args.output
+    data = storage.join(out, "data")
+    ray_flag = ["--address", args.address] if args.address else []
+
+    from pipeline.cli import init_ray
+    from pipeline.pitch_report import measure_speed, write_report
+    from pipeline.shards import SoftTargetRun
+    from pipeline.student.evaluate import run as evaluate
+    from pipeline.student.job import run as train
+    from pipeline.teacher.job import run as pseudo_label
+
+    t_start = time.monotonic()
+    init_ray(args.address)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    corpus = make_corpus(size, args.seed, data)
+    timings["corpus"] = time.monotonic() - t0
+    lab, pool, test = (storage.join(data, s) for s in ("labeled", "pool", "test"))
+
+    cache = storage.join(out, "softtargets")
+    timings["pseudo_label"] = _step(
+        "2. pseudo-label the pool with CREPE full into the soft-target cache", "pseudo_label.py",
+        ["--input", pool, "--output", cache, "--teacher", TEACHER, "--top-k", str(args.top_k), "--batch-size", "32",
+         "--precision", "fp32", *ray_flag], pseudo_label)
+    k = SoftTargetRun(cache).manifest.k
+
+    finals: dict[str, str] = {}
+    runs: list[dict] = []
+    for v in variants(k, args.kprime):
+        for s in range(size["seeds"]):
+            seed = args.seed + s
+            name = f"{v.name}_seed{seed}"
+            path = storage.join(out, name)
+            common = ["--student", student_spec(v.hop_ms), "--output", path, "--steps", str(size["steps"]),
+                      "--batch-size", str(size["batch"]), "--lr", "0.002", "--weight-decay", "0.0001",
+                      "--workers", "1", "--seed", str(seed), "--label-frame-shift-ms", "10", "--labeled", lab,
+                      *ray_flag]
+            if v.name == "labeled_only":  # ~10 passes' worth of steps per epoch: few dataset start-ups
+                repeat = max(1, -(-size["steps"] * size["batch"] // (10 * size["labeled"])))
+                argv = common + ["--labeled-repeat", str(repeat)]
+            else:
+                argv = common + ["--soft-targets", cache, "--labeled-ratio", "0.2", *v.argv]
+            timings[name] = _step(f"3. {name}: {v.what}", "train_student.py", argv, train)
+            finals[name] = storage.join(path, "final", "model.safetensors")
+            runs.append({"name": name, "variant": v.name, "what": v.what, "seed": seed,
+                         "train_seconds": round(timings[name], 1)})
+
+    # Every model at the teacher's 40 ms frames, in one pass over the test set. The students
+    # are frame-independent, so their trained weights run at any hop.
+    specs = {"crepe_full": TEACHER, "crepe_tiny": TINY}
+    specs.update({name: student_spec(HOP_MS, w) for name, w in finals.items()})
+    eval_file = storage.join(out, "eval", "test.json")
+    timings["eval"] = _step("4. evaluate CREPE full, CREPE tiny and every student on the test set", "evaluate.py",
+                            ["--checkpoint", *specs.values(), "--input", test, "--output", eval_file,
+                             "--task", "pitch", *ray_flag], evaluate)
+    evals = {r["checkpoint"]: r for r in json.loads(storage.read_bytes(eval_file))["models"]}
+    speed = measure_speed({"crepe_full": TEACHER, "crepe_tiny": TINY,
+                           "student": student_spec(HOP_MS, next(iter(finals.values())))})
+    timings["total"] = time.monotonic() - t_start
+    table = write_report(out, specs, evals, runs, speed, corpus, test, timings)
+    print("\n" + table)
+    print(f"\ndemo-pitch finished in {timings['total'] / 60:.1f} min; report in {out}/results.md", flush=True)
+    return 0
