@@ -147,8 +147,8 @@ def run(argv=None) -> int:
                       "--batch-size", str(size["batch"]), "--lr", "0.002", "--weight-decay", "0.0001",
                       "--workers", "1", "--seed", str(seed), "--label-frame-shift-ms", "10", "--labeled", lab,
                       *ray_flag]
-            if v.name == "labeled_only":  # ~10 passes' worth of steps per epoch: few dataset start-ups
-                repeat = max(1, -(-size["steps"] * size["batch"] // (10 * size["labeled"])))
+            if v.name == "labeled_only":  # every step in one epoch: a small set, one dataset start-up
+                repeat = max(1, -(-size["steps"] * size["batch"] // size["labeled"]))
                 argv = common + ["--labeled-repeat", str(repeat)]
             else:
                 argv = common + ["--soft-targets", cache, "--labeled-ratio", "0.2", *v.argv]

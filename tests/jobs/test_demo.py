@@ -24,8 +24,8 @@ def test_demo_small(tmp_path, ray_local, capsys):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["models"]}
-    assert set(rows) == {"teacher", "student_labeled_only", "student_hard_pseudo", "student_soft_k10_T1",
-                         "student_soft_k3_T1", "student_soft_k10_T4"}
+    # the small size trains the three students whose ordering is checked (make demo: all five)
+    assert set(rows) == {"teacher", "student_labeled_only", "student_hard_pseudo", "student_soft_k10_T1"}
     for name, r in rows.items():
         final = out / name / "final"
         assert r["checkpoint"] == str(final) and (final / "model.safetensors").exists()

@@ -34,7 +34,7 @@ def test_demo_pitch_small(tmp_path, ray_local, capsys):
     # CREPE is a real pitch tracker: it finds most voiced frames of the held-out test split
     assert rows["crepe_full"]["rpa"]["mean"] > 0.8 and rows["crepe_tiny"]["rpa"]["mean"] > 0.8
     for f in ("results.md", "rpa.png", "contour.png"):
-        assert (out / f).stat().st_size > 1000, f
+        assert (out / f).stat().st_size > 800, f
     assert "| student_soft_k10 |" in (out / "results.md").read_text() and "crepe_tiny" in text
 
     # evaluate.py's RPA for CREPE tiny equals a direct computation over the test split

@@ -118,16 +118,26 @@ def test_every_member_is_accounted_for_once(hostile, capsys):
 
 def test_student_and_evaluation_apply_the_same_rule(hostile, tmp_path, capsys):
     """The student pairs the same shard under the same duplicate / link rules (no PairingError),
-    and evaluation against the run agrees."""
+    through the tasks its driver plans, and evaluation against the run agrees."""
     root, out, _, _ = hostile
     if not (out / "manifest.json").exists():
         pytest.skip("needs the hostile run")
-    st = SoftTargetRun(str(out))
-    assert train(["--soft-targets", str(out), "--student", "pipeline.models.zoo:image_cnn?width=2&num_classes=5",
-                  "--output", str(tmp_path / "student"), "--epochs", "1", "--workers", "1", "--batch-size", "4"]) == 0
-    summary = _summary(capsys.readouterr().out)
-    assert summary["last"]["samples"] == st.manifest.total_rows == 5
-    assert evaluate_job.run(["--checkpoint", summary["final"], "--input", str(out)]) == 0
+    from pipeline.student.data import ShardRows
+    from pipeline.student.job import build_parser, plan
+
+    student = "pipeline.models.zoo:image_cnn?width=2&num_classes=5"
+    sp, tasks, _, cache = plan(build_parser().parse_args(["--soft-targets", str(out), "--student", student,
+                                                          "--output", str(tmp_path / "o")]))
+    rows = ShardRows(sp.data, cache.uri, cache.facts)
+    (task,) = tasks
+    keys = [k for t in rows({c: [task[c]] for c in ("kind", "name", "input", "record")})
+            for k in t.column("key").to_pylist()]
+    assert sorted(keys) == sorted(["a", "b", "c", "v1.2/d", "../../e"])  # the first c, nothing else
+    from pipeline.models.spec import build_model, parse_spec, save_checkpoint
+
+    save_checkpoint(str(tmp_path / "ck"), build_model(parse_spec(student)), "pipeline.models.zoo:image_cnn",
+                    {"width": 2, "num_classes": 5}, sp.checkpoint_config())
+    assert evaluate_job.run(["--checkpoint", str(tmp_path / "ck"), "--input", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["samples"] == 5
 
