@@ -274,7 +274,7 @@ class InProcess:
             out.append({"samples": n, "seconds": wall, "cpu_s": cpu, "samples_per_s": n / wall,
                         "audio_s_per_s": self.audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
                         "loadavg": os.getloadavg()[0], "model_build_s": build})
-        del on_dev, runner, pred
+        on_dev = runner = pred = None  # frees the teacher (and its device memory) before the pipeline run
         self._free()
         shutil.rmtree(os.path.join(work, "inprocess-run"), ignore_errors=True)
         return out[0], out[1]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.modalities.audio import AUDIO_EXTENSIONS, AudioFrontend, AudioPreprocessing
 from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 from pipeline.modalities.image import IMAGE_EXTENSIONS, ImageFrontend, ImagePreprocessing
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Preprocessing = AudioPreprocessing | ImagePreprocessing
 

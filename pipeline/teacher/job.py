@@ -168,27 +168,36 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     )
 
 
+ACTOR_START_TIMEOUT_S = 600
+
+
 def ray_compactor(run_uri: str, facts):
-    """(compact, wait) for ShardTracker: compaction on long-lived actors, one per node (SPREAD),
-    called round-robin.
+    """(compact, wait) for ShardTracker: compaction on long-lived actors, one pinned to each node;
+    a shard is compacted on the node that wrote most of its parts (they are in its page cache,
+    and on a node-local disk nowhere else), round-robin when that node has none.
 
     Actors, not tasks: a task per shard would often land on a fresh worker process and pay its
     start-up (imports) every time, which costs more than compacting a small shard. No CPU is
     reserved: a compaction is a little I/O and a sort, and must never queue behind the decode
-    tasks that fill every CPU."""
+    tasks that fill every CPU. The pinning is soft, so a node that leaves does not stall a
+    compaction (Ray restarts the actor elsewhere)."""
     import itertools
 
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.teacher.compact import Compactor
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
-    pool = [actor.options(scheduling_strategy="SPREAD").remote(run_uri, facts) for _ in range(max(1, len(nodes)))]
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    by_node = {n: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True)).remote(run_uri, facts)
+               for n in nodes}
+    pool = list(by_node.values()) or [actor.remote(run_uri, facts)]
     turn = itertools.cycle(pool)
 
-    def compact(name, input_uri, parts, expected, expected_hash):
-        return next(turn).compact.remote(name, input_uri, parts, expected, expected_hash)
+    def compact(name, input_uri, parts, expected, expected_hash, node=None):
+        target = by_node.get(node) or next(turn)
+        return target.compact.remote(name, input_uri, parts, expected, expected_hash)
 
     def wait(refs, timeout):
         ready, rest = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
@@ -205,7 +214,12 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
     from ray.data import DataContext
 
     init_ray(ex.address)
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # Batches go to the teacher actors once all of them hold their model: otherwise the first
+    # one up takes the head of the stream while the rest load, and a cluster that cannot place
+    # --actors actors fails with Ray's "Timed out while starting actors" instead of waiting.
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     gpu = use_gpu(ex.device)
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = ex.actors or (max(1, int(gpus // ex.gpus_per_actor)) if gpus and gpu else 1)

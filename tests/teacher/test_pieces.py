@@ -82,7 +82,8 @@ def test_predictor_parts_tracker_and_compaction(shard, tmp_path):
 
     compacted, results = [], {}
 
-    def compact(name, input_uri, part_files, expected, expected_hash):
+    def compact(name, input_uri, part_files, expected, expected_hash, node):
+        assert node == parts[0]["node"]  # compacted where its parts were written
         compacted.append(name)
         results[len(compacted)] = compact_shard(run, facts, name, input_uri, part_files, expected, expected_hash)
         return len(compacted)
