@@ -49,7 +49,7 @@ PRESETS = {
     # A step-dominated student: the audio CNN at width 32 trains at ~10 ms of CPU per ~1 s clip,
     # ~20x what decoding the clip costs, so the input path has ample time to keep up.
     "cpu-step": dict(
-        modality="audio", seconds=(0.8, 1.2), pool=128, shards=16, per_shard=128, num_classes=10, frame_labels=None,
+        modality="audio", seconds=(0.8, 1.2), pool=128, shards=32, per_shard=128, num_classes=10, frame_labels=None,
         teacher="pipeline.models.zoo:audio_cnn?width=32", student="pipeline.models.zoo:audio_cnn?width=32",
         batch_size=64, epochs=3, top_k=5, prep=[], device="cpu", workers=1, cpus_per_worker=1.0,
         runs=["soft"], smoke=dict(shards=2, per_shard=32, epochs=2, step_seconds=1.0),
@@ -198,8 +198,13 @@ def cache_batches(cache: str, cfg: dict, max_rows: int) -> tuple:
     run = SoftTargetRun(cache)
     m = run.manifest
     prep = preprocessing_from_dict(m.preprocessing)
+    from pipeline.student.job import build_parser as train_parser
+    from pipeline.student.job import pad_samples
+
+    # padded as train_student.py pads by default (the same shapes reach the step)
     data = DataPlan(modality=m.modality, level=m.level, preprocessing=prep, num_classes=m.num_classes, stored_k=m.k,
-                    frame_shift_ms=m.frame_shift_ms)
+                    frame_shift_ms=m.frame_shift_ms,
+                    pad_samples=pad_samples(m.preprocessing, train_parser().get_default("pad_ms")))
     rows = ShardRows(data, run.uri, run.facts)
     names, n = [], 0
     for name in run.shard_names:

@@ -82,21 +82,23 @@ def _host(view: np.ndarray, pin: bool) -> torch.Tensor:
     return out
 
 
-def payload_batch(col, prep, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def payload_batch(col, prep, pin: bool = False, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch of the payload column -> model input on the host.
 
-    audio: (B, N_max) float32 zero-padded and lengths (B,) int64; image: (B, H, W, 3) uint8 and
-    None. ``pin``: into page-locked memory, so the copy to a CUDA device can be asynchronous.
+    audio: (B, N) float32 zero-padded and lengths (B,) int64, N = the longest clip rounded up to
+    a multiple of ``multiple`` samples; image: (B, H, W, 3) uint8 and None. ``pin``: into
+    page-locked memory, so the copy to a CUDA device can be asynchronous.
     """
     if isinstance(prep, AudioPreprocessing):
         flat, offsets = list_values(col)
         values = flat.to_numpy(zero_copy_only=False)
         lens = np.diff(offsets)
         n = len(lens)
-        if n and (lens == lens[0]).all():  # equal lengths (cropped clips): a reshape, no scatter
-            view = values.reshape(n, int(lens[0]))
+        width = -(-int(lens.max()) // multiple) * multiple if n else 0
+        if n and (lens == width).all():  # equal lengths (cropped clips): a reshape, no scatter
+            view = values.reshape(n, width)
         else:
-            view = pad_rows(values, offsets)
+            view = pad_rows(values, offsets, width=width)
         return _host(view, pin), torch.from_numpy(lens)
     arr = _combined(col)
     c, size = prep.crop, arr.type.list_size

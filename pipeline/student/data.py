@@ -291,7 +291,7 @@ def collate(batch: pa.Table, data: DataPlan, pin: bool = False) -> dict[str, tor
     """
     n, k = batch.num_rows, data.stored_k
     out: dict[str, torch.Tensor] = {}
-    x, lengths = payload_batch(batch.column("payload"), data.preprocessing, pin=pin)
+    x, lengths = payload_batch(batch.column("payload"), data.preprocessing, pin=pin, multiple=data.pad_samples)
     out["x"] = x
     if lengths is not None:
         out["lengths"] = lengths

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's own inputs are read the way pseudo_label.py read them)")
     g.add_argument("--data-column", default=None, help="Parquet --labeled / --eval / online --input shards: media column")
     g.add_argument("--shuffle-buffer", type=int, default=512, help="rows in each worker's local shuffle buffer (0: off)")
+    g.add_argument("--pad-ms", type=float, default=100.0,
+                   help="audio batches are zero-padded to a multiple of this many ms, so the step sees a few shapes "
+                        "instead of a new one per batch (0: to the longest clip exactly)")
     g = p.add_argument_group("model")
     g.add_argument("--student", required=True, metavar="SPEC",
                    help="'package.module:factory?kwarg=value' (or a checkpoint dir to start from)")
@@ -136,6 +139,15 @@ def _validate(args) -> None:
         raise ConfigError("--labeled-ratio must be between 0 and 1 (exclusive) when mixing")
     if args.lr <= 0:
         raise ConfigError("--lr must be > 0")
+    if args.pad_ms < 0:
+        raise ConfigError("--pad-ms must be >= 0")
+
+
+def pad_samples(prep: dict, pad_ms: float) -> int:
+    """--pad-ms in samples at the model's rate (1 for images, whose size is fixed)."""
+    if prep.get("modality") != "audio":
+        return 1
+    return max(1, round(prep["sample_rate"] * pad_ms / 1000))
 
 
 def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | None]:
@@ -261,7 +273,8 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
         raise ConfigError("--alpha 1 puts all weight on labels, but there is no labeled data")
     data = DataPlan(modality=modality, level=level, preprocessing=preprocessing_from_dict(prep),
                     num_classes=num_classes, stored_k=stored_k, label_frame_shift_ms=args.label_frame_shift_ms,
-                    frame_shift_ms=frame_shift, teacher_stride=teacher_stride, limits=limits_from_args(args))
+                    frame_shift_ms=frame_shift, teacher_stride=teacher_stride, limits=limits_from_args(args),
+                    pad_samples=pad_samples(prep, args.pad_ms))
     loss = LossPlan(loss=args.loss, temperature=args.temperature, k=args.top_k, tail=args.tail, alpha=alpha,
                     confidence_threshold=args.confidence_threshold)
     optim = OptimPlan(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,

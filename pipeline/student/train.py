@@ -27,6 +27,7 @@ from pipeline.student.data import Collate
 from pipeline.student.losses import combine, distill_loss, hard_ce
 from pipeline.student.metrics import accuracy_counts, label_positions, target_positions
 from pipeline.student.plan import LossPlan, OptimPlan, StudentPlan
+from pipeline.student.shuffle import in_background, shuffled_batches
 
 # Ray Train tees print() on workers (it would show twice); its logging goes out once.
 log = logging.getLogger("kdpipe.train")
@@ -213,11 +214,12 @@ def train_loop(config: dict) -> None:
         t0 = time.monotonic()
         sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
         samples = 0
-        # prefetch 4: a few batches in hand smooth over the gaps between blocks of the input
-        batches = iter(train_it.iter_torch_batches(batch_size=optim.batch_size, collate_fn=collate_fn,
-                                                   local_shuffle_buffer_size=optim.shuffle_buffer or None,
-                                                   local_shuffle_seed=optim.seed + 1000 * epoch + rank,
-                                                   prefetch_batches=4))
+        # Whole blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
+        # shuffled and collated one batch ahead in a thread (pipeline.student.shuffle says why
+        # not Ray's local shuffle buffer).
+        blocks = train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
+        batches = in_background(collate_fn(t) for t in shuffled_batches(
+            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank))
         data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
         while True:
             t_wait = time.monotonic()
@@ -250,6 +252,7 @@ def train_loop(config: dict) -> None:
             sums[5] += st["soft_n"]
             if max_steps and step >= max_steps:
                 break
+        batches.close()  # stops its thread when --steps ends the epoch early
         epoch += 1
         seconds = time.monotonic() - t0
         red = _all_reduce(sums + [samples, data_wait], device)

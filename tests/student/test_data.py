@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +84,10 @@ def test_collate_frame_rows_pads_every_ragged_column():
     assert torch.equal(b["t_lp"][1, :2], torch.from_numpy(got[4:6].astype(np.float32)))
     assert b["flabels"].tolist() == [[-1, -1, -1], [-1, -1, -1], [1, 0, 1]]
     assert b["has_t"].tolist() == [True, True, False]
+    # --pad-ms: the width rounds up to the pad multiple; values, lengths and targets do not change
+    b4 = collate(pa.concat_tables([rows._table(pseudo, 0, st), rows._table(lab, 1)]), replace(data, pad_samples=4))
+    assert b4["x"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [1, 2, 3, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    assert b4["lengths"].tolist() == [5, 3, 2] and torch.equal(b4["t_lp"], b["t_lp"])
 
 
 def _image_run(tmp_path, keys_in_run, errors=(), seed=0):
