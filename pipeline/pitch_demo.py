@@ -34,7 +34,7 @@ STUDENT_KWARGS = {"channels": 32, "layers": 3}
 SIZES = {
     # clips (1 s each); student optimiser steps, clips per batch; seeds per variant
     "full": {"pool": 300, "labeled": 8, "test": 100, "steps": 300, "batch": 10, "seeds": 3},
-    "small": {"pool": 40, "labeled": 4, "test": 20, "steps": 40, "batch": 10, "seeds": 1},
+    "small": {"pool": 24, "labeled": 4, "test": 12, "steps": 20, "batch": 8, "seeds": 1},
 }
 
 

@@ -4,8 +4,9 @@ Ray Data's ``local_shuffle_buffer_size`` re-concatenates and re-takes its whole 
 blocks come and go, so every row (tens of KB of audio) is copied several times in the training
 worker: measured 12.4 ms of worker CPU per sample against 8.8 without it, for a step-bound
 audio student (docs/performance.md). Here the buffer is only an index of (block, row) pairs;
-a batch's rows are copied once, by one ``take`` per block they come from, and blocks are
-dropped when their last row is drawn.
+a batch's rows are taken once, by one ``take`` per block they come from (then collated), and
+blocks are dropped when their last row is drawn, or, when undrawn rows keep too many blocks
+alive, their live rows are moved into one block.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def shuffled_batches(blocks: Iterable[pa.Table], batch_size: int, buffer_rows: i
     pos = np.zeros((0, 2), np.int64)  # buffered rows: (block id, row), in arrival order
     source = iter(blocks)
     next_id, exhausted = 0, False
+    held_rows = 0  # rows of the held blocks, drawn or not
     want = buffer_rows + batch_size if buffer_rows > 0 else batch_size
     while True:
         while not exhausted and len(pos) < want:
@@ -43,11 +45,19 @@ def shuffled_batches(blocks: Iterable[pa.Table], batch_size: int, buffer_rows: i
             if block.num_rows == 0:
                 continue
             held[next_id], left[next_id] = block, block.num_rows
+            held_rows += block.num_rows
             rows = np.arange(block.num_rows, dtype=np.int64)
             pos = np.concatenate([pos, np.stack([np.full_like(rows, next_id), rows], axis=1)])
             next_id += 1
         if not len(pos):
             return
+        if buffer_rows > 0 and held_rows - len(pos) > HELD_FACTOR * want:
+            # A few undrawn rows can keep many drawn-from blocks alive; move the live rows into
+            # one block (a copy of about the buffer per HELD_FACTOR buffers drawn) so that the
+            # memory held stays within (HELD_FACTOR + 1) buffers plus a block.
+            pos, held, left = _compact(pos, held, next_id)
+            held_rows = len(pos)
+            next_id += 1
         n = min(batch_size, len(pos))
         if buffer_rows > 0:
             pick = np.sort(rng.choice(len(pos), size=n, replace=False))
@@ -63,8 +73,24 @@ def shuffled_batches(blocks: Iterable[pa.Table], batch_size: int, buffer_rows: i
             parts.append(held[int(b)].take(pa.array(rows)))
             left[int(b)] -= len(rows)
             if not left[int(b)]:
+                held_rows -= held[int(b)].num_rows
                 del held[int(b)], left[int(b)]
         yield pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+HELD_FACTOR = 2  # drawn rows kept alive by their blocks: at most this many buffers' worth
+
+
+def _compact(pos: np.ndarray, held: dict[int, pa.Table], new_id: int) -> tuple[np.ndarray, dict, dict]:
+    """The buffered rows moved into one block ``new_id``; returns (pos, held, left) for it,
+    pos in the same order as before."""
+    order = np.lexsort((pos[:, 1], pos[:, 0]))  # by block, then row: one take per block
+    srt = pos[order]
+    parts = [held[int(b)].take(pa.array(srt[srt[:, 0] == b, 1])) for b in np.unique(srt[:, 0])]
+    table = pa.concat_tables(parts).combine_chunks()
+    rows = np.empty(len(pos), np.int64)
+    rows[order] = np.arange(len(pos))
+    return np.stack([np.full_like(rows, new_id), rows], axis=1), {new_id: table}, {new_id: len(pos)}
 
 
 _END = object()

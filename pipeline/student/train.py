@@ -215,8 +215,8 @@ def train_loop(config: dict) -> None:
         sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
         samples = 0
         # Whole blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
-        # shuffled and collated one batch ahead in a thread (pipeline.student.shuffle says why
-        # not Ray's local shuffle buffer).
+        # shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle
+        # says why not Ray's local shuffle buffer).
         blocks = train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
         batches = in_background(collate_fn(t) for t in shuffled_batches(
             blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank))

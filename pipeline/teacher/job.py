@@ -168,9 +168,6 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     )
 
 
-ACTOR_START_TIMEOUT_S = 600
-
-
 def ray_compactor(run_uri: str, facts):
     """(compact, wait) for ShardTracker: compaction on long-lived actors, one pinned to each node;
     a shard is compacted on the node that wrote most of its parts (they are in its page cache,
@@ -214,12 +211,7 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
     from ray.data import DataContext
 
     init_ray(ex.address)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    # Batches go to the teacher actors once all of them hold their model: otherwise the first
-    # one up takes the head of the stream while the rest load, and a cluster that cannot place
-    # --actors actors fails with Ray's "Timed out while starting actors" instead of waiting.
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(ex.device)
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = ex.actors or (max(1, int(gpus // ex.gpus_per_actor)) if gpus and gpu else 1)

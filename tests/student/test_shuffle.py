@@ -68,3 +68,26 @@ def test_leaving_early_stops_the_thread():
         if t.name == "kdpipe-batches":
             t.join(timeout=2)
     assert threading.active_count() == before
+
+
+def test_memory_held_stays_bounded_when_a_few_rows_keep_blocks_alive():
+    """Uniform draws leave a few rows of many blocks undrawn; without moving those into one
+    block, 1024-row blocks kept ~9,000 rows alive for a 576-row buffer (measured)."""
+    import gc
+
+    width, rows, batch, buffer = 100, 1024, 64, 512
+
+    def blocks():
+        for b in range(40):  # allocated by Arrow's pool (the cast), so the pool counts them
+            payload = pa.array(np.zeros(rows * width)).cast(pa.float32())
+            yield pa.table({"i": pa.array(np.arange(b * rows, (b + 1) * rows)),
+                            "payload": pa.FixedSizeListArray.from_arrays(payload, width)})
+
+    gc.collect()
+    base, peak, seen = pa.total_allocated_bytes(), 0, 0
+    for t in shuffled_batches(blocks(), batch, buffer, seed=0):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        seen += t.num_rows
+    assert seen == 40 * rows
+    held = peak / (width * 4 + 8)  # rows' worth of bytes
+    assert held < 3 * (buffer + batch) + 2 * rows, held  # (HELD_FACTOR + 1) buffers + a block + the copy
