@@ -81,7 +81,6 @@ class Progress:
 class _Shard:
     parts: list[str] = field(default_factory=list)
     rows: int = 0  # soft-target rows + error rows in the parts so far
-    node_rows: Counter = field(default_factory=Counter)  # node id -> rows it wrote
     key_hash: int = 0
     expected: int | None = None
     expected_hash: int = 0
@@ -90,9 +89,8 @@ class _Shard:
 class ShardTracker:
     """Adds up the records of the shards this run computes and commits each one once it is whole.
 
-    compact: ``compact(name, input_uri, parts, expected, expected_hash, node) -> handle`` starts
-    the compaction somewhere (a Ray actor), preferably on ``node``, the node that wrote most of
-    the shard's rows; ``wait(handles, timeout) -> (done [(handle, record)],
+    compact: ``compact(name, input_uri, parts, expected, expected_hash) -> handle`` starts the
+    compaction somewhere (a Ray task); ``wait(handles, timeout) -> (done [(handle, record)],
     pending handles)`` collects finished ones. Kept abstract so the driver logic is tested
     without Ray.
     """
@@ -113,8 +111,8 @@ class ShardTracker:
         """Take one batch of PART / END records (from any actors, any shards, any order)."""
         self.received_bytes += records.nbytes
         cols = {c: records.column(c).to_pylist() for c in ("shard", "kind", "part", "rows", "errors", "frames",
-                                                            "key_hash", "node")}
-        for name, kind, part, rows, errors, frames, h, node in zip(*cols.values()):
+                                                            "key_hash")}
+        for name, kind, part, rows, errors, frames, h in zip(*cols.values()):
             if name not in self.shards:
                 raise RuntimeError(f"a record names shard {name!r}, which this run does not compute")
             st = self.pending.setdefault(name, _Shard())
@@ -122,7 +120,6 @@ class ShardTracker:
                 st.parts.append(part)
                 st.rows += rows + errors
                 st.key_hash = (st.key_hash + h) & MASK64
-                st.node_rows[node] += rows + errors
                 self.progress.update(samples=rows, errors=errors, frames=frames)
             elif kind == END:
                 st.expected, st.expected_hash = rows, h
@@ -136,8 +133,7 @@ class ShardTracker:
             raise RuntimeError(f"shard {name}: parts account for {st.rows} rows (key hash {st.key_hash:016x}) but "
                                f"decode emitted {st.expected} (key hash {st.expected_hash:016x}); not committed")
         uri = self.shards[name][0]
-        node = st.node_rows.most_common(1)[0][0] if st.node_rows else None
-        self.running[self._compact(name, uri, st.parts, st.expected, st.expected_hash, node)] = name
+        self.running[self._compact(name, uri, st.parts, st.expected, st.expected_hash)] = name
 
     def poll(self, timeout: float = 0.0) -> None:
         """Commit the compactions that have finished (re-raises a compaction's error)."""

@@ -169,15 +169,17 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
 
 
 def ray_compactor(run_uri: str, facts):
-    """(compact, wait) for ShardTracker: compaction on long-lived actors, one pinned to each node;
-    a shard is compacted on the node that wrote most of its parts (they are in its page cache,
-    and on a node-local disk nowhere else), round-robin when that node has none.
+    """(compact, wait) for ShardTracker: compaction on long-lived actors, one pinned to each node,
+    called round-robin, so that shard files are written on every node and no node's compactor
+    queues the whole run (on object storage, or a shared file system, any node can read any
+    part).
 
     Actors, not tasks: a task per shard would often land on a fresh worker process and pay its
     start-up (imports) every time, which costs more than compacting a small shard. No CPU is
     reserved: a compaction is a little I/O and a sort, and must never queue behind the decode
-    tasks that fill every CPU. The pinning is soft, so a node that leaves does not stall a
-    compaction (Ray restarts the actor elsewhere)."""
+    tasks that fill every CPU. Pinned with NodeAffinity (SPREAD is best-effort and put both of
+    a two-node cluster's compactors on one node); soft, so that a node that leaves does not
+    stall a compaction (Ray restarts the actor elsewhere)."""
     import itertools
 
     import ray
@@ -187,14 +189,12 @@ def ray_compactor(run_uri: str, facts):
 
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    by_node = {n: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True)).remote(run_uri, facts)
-               for n in nodes}
-    pool = list(by_node.values()) or [actor.remote(run_uri, facts)]
+    pool = [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True)).remote(run_uri, facts)
+            for n in nodes] or [actor.remote(run_uri, facts)]
     turn = itertools.cycle(pool)
 
-    def compact(name, input_uri, parts, expected, expected_hash, node=None):
-        target = by_node.get(node) or next(turn)
-        return target.compact.remote(name, input_uri, parts, expected, expected_hash)
+    def compact(name, input_uri, parts, expected, expected_hash):
+        return next(turn).compact.remote(name, input_uri, parts, expected, expected_hash)
 
     def wait(refs, timeout):
         ready, rest = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
