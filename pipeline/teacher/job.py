@@ -177,29 +177,54 @@ def ray_compactor(run_uri: str, facts):
     Actors, not tasks: a task per shard would often land on a fresh worker process and pay its
     start-up (imports) every time, which costs more than compacting a small shard. No CPU is
     reserved: a compaction is a little I/O and a sort, and must never queue behind the decode
-    tasks that fill every CPU. Pinned with NodeAffinity (SPREAD is best-effort and put both of
-    a two-node cluster's compactors on one node); soft, so that a node that leaves does not
-    stall a compaction (Ray restarts the actor elsewhere)."""
+    tasks that fill every CPU. Pinned hard: SPREAD, and even soft node affinity, placed both of
+    a two-node cluster's compactors on the driver's node. A compaction whose actor died (its
+    node left) is resubmitted to the next compactor; with none left, to one placed anywhere."""
     import itertools
 
     import ray
+    from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.teacher.compact import Compactor
 
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    pool = [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True)).remote(run_uri, facts)
+    pool = [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(run_uri, facts)
             for n in nodes] or [actor.remote(run_uri, facts)]
-    turn = itertools.cycle(pool)
+    turn = itertools.count()
+    jobs: dict[int, tuple] = {}  # handle -> (ref, actor, args)
+
+    def submit(handle: int, args: tuple) -> None:
+        if not pool:
+            pool.append(actor.remote(run_uri, facts))
+        target = pool[next(turn) % len(pool)]
+        jobs[handle] = (target.compact.remote(*args), target, args)
 
     def compact(name, input_uri, parts, expected, expected_hash):
-        return next(turn).compact.remote(name, input_uri, parts, expected, expected_hash)
+        handle = next(handles)
+        submit(handle, (name, input_uri, parts, expected, expected_hash))
+        return handle
 
-    def wait(refs, timeout):
-        ready, rest = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
-        return [(r, ray.get(r)) for r in ready], rest
+    def wait(pending, timeout):
+        refs = {jobs[h][0]: h for h in pending}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout, fetch_local=True)
+        done = []
+        for r in ready:
+            h = refs[r]
+            _, target, args = jobs[h]
+            try:
+                done.append((h, ray.get(r)))
+            except RayActorError:
+                if target in pool:
+                    pool.remove(target)
+                submit(h, args)
+                continue
+            del jobs[h]
+        finished = {h for h, _ in done}
+        return done, [h for h in pending if h not in finished]
 
+    handles = itertools.count()
     return compact, wait
 
 
