@@ -78,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _step(title: str, job: str, argv: list[str], fn) -> float:
-    """Run one job entry point; prints the equivalent command. Returns seconds."""
+def run_step(title: str, job: str, argv: list[str], fn, demo: str = "demo") -> float:
+    """Run one job entry point (any demo's); prints the equivalent command. Returns seconds."""
     print(f"\n=== {title}\n$ python jobs/{job} {shlex.join(argv)}", flush=True)
     t0 = time.monotonic()
     rc = fn(argv)
     if rc != 0:
-        raise SystemExit(f"demo: jobs/{job} failed with exit code {rc}")
+        raise SystemExit(f"{demo}: jobs/{job} failed with exit code {rc}")
     return time.monotonic() - t0
 
 
@@ -140,12 +140,12 @@ def run(argv=None) -> int:
     lab, pool, test = (storage.join(data, s) for s in ("labeled", "unlabeled", "test"))
     ckpt = {"teacher": storage.join(out, "teacher")}
 
-    timings["teacher"] = _step(
+    timings["teacher"] = run_step(
         "2. teacher on the labeled set", "train_student.py",
         ["--labeled", lab, "--student", m["teacher"], "--output", ckpt["teacher"], "--epochs", str(size["teacher_epochs"]),
          "--labeled-repeat", "10", "--batch-size", "32", "--lr", "0.005", *m["prep"], *common], train)
     cache = storage.join(out, "softtargets")
-    timings["pseudo_label"] = _step(
+    timings["pseudo_label"] = run_step(
         "3. pseudo-label the pool into the soft-target cache", "pseudo_label.py",
         ["--input", pool, "--output", cache, "--teacher", storage.join(ckpt["teacher"], "final"), "--top-k", "10",
          "--batch-size", "128"] + (["--address", args.address] if args.address else []), pseudo_label)
@@ -162,7 +162,7 @@ def run(argv=None) -> int:
             argv = ["--soft-targets", cache, "--labeled", lab, "--labeled-ratio", "0.2",
                     "--epochs", str(size["student_epochs"]), "--batch-size", str(size["student_batch"]),
                     "--lr", str(size["student_lr"]), *st.argv]
-        timings[st.name] = _step(f"4. {st.name}: {st.what}", "train_student.py",
+        timings[st.name] = run_step(f"4. {st.name}: {st.what}", "train_student.py",
                                  argv + ["--student", m["student"], "--output", ckpt[st.name], *m["prep"], *common],
                                  train)
 
@@ -170,7 +170,7 @@ def run(argv=None) -> int:
     finals = {name: storage.join(path, "final") for name, path in ckpt.items()}
     all_file = storage.join(out, "eval", "all.json")
     # every model in one pass over the test set: decoded once, each model's forward on the batch
-    timings["eval"] = _step("5. evaluate every model on the test set", "evaluate.py",
+    timings["eval"] = run_step("5. evaluate every model on the test set", "evaluate.py",
                             ["--checkpoint", *finals.values(), "--input", test, "--output", all_file]
                             + (["--address", args.address] if args.address else []), evaluate)
     evals = {r["checkpoint"]: r for r in json.loads(storage.read_bytes(all_file))["models"]}

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import time
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.demo import run_step
 
 HOP_MS = 40  # teacher frames, and the students': CREPE full is the cost, so it runs on sparse frames
 TEACHER = f"pipeline.models.zoo:crepe_full?hop_ms={HOP_MS}"
@@ -81,13 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _step(title: str, job: str, argv: list[str], fn) -> float:
-    """Run one job entry point; prints the equivalent command. Returns seconds."""
-    print(f"\n=== {title}\n$ python jobs/{job} {shlex.join(argv)}", flush=True)
-    t0 = time.monotonic()
-    rc = fn(argv)
-    if rc != 0:
-        raise SystemExit(f"demo-pitch: jobs/{job} failed with exit code {rc}")
-    return time.monotonic() - t0
+    return run_step(title, job, argv, fn, demo="demo-pitch")
 
 
 def make_corpus(size: dict, seed: int, data: str) -> dict:
