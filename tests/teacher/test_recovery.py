@@ -69,8 +69,12 @@ def _kill_mid_run(argv, out, condition, timeout=240, before_kill=None):
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     waves = audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=21)
     out = tmp_path / "st"
-    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--teacher", SLOW, "--batch-size", "2",
-            "--progress-interval", "0.5"]
+    # A second per batch: a part's records reach the driver when its actor task ends, so with a
+    # faster teacher the shards of a short run can all commit within one manifest flush and
+    # the kill would find the run already finished.
+    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--teacher", SLOW.replace("0.4", "1.0"),
+            "--batch-size", "2", "--progress-interval", "0.5"]
+
     def second_writer():  # the same output while the first job runs: refused, naming it
         with pytest.raises(SystemExit) as e:
             run(argv)
