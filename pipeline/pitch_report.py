@@ -85,8 +85,10 @@ def _stats(values: list[float]) -> dict:
 
 
 def write_report(out: str, specs: dict[str, str], evals: dict[str, dict], runs: list[dict], speed: dict,
-                 corpus: dict, test_dir: str, timings: dict[str, float]) -> str:
-    """results.json, results.md, rpa.png, contour.png in ``out``; returns the markdown table."""
+                 corpus: dict, test_dir: str, timings: dict[str, float], hop_ms: float) -> str:
+    """results.json, results.md, rpa.png, contour.png in ``out``; returns the markdown table.
+
+    hop_ms: the frame shift every model in ``specs`` runs at (the evaluation's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,8 +127,8 @@ def write_report(out: str, specs: dict[str, str], evals: dict[str, dict], runs: 
         lines.append(f"| {r['model']} | {r['what']} | {r['params']:,} | {r['frames_per_s']:,.0f} | {pct(r['rpa'])} | "
                      f"{pct(r['rca'])} |")
     table = "\n".join(lines)
-    md = (f"# demo-pitch results\n\nTest set: {counts.get('test')} clips (held-out f0 bands and timbres), every model "
-          f"at 40 ms frames; RPA = voiced frames within 50 cents, RCA = the same modulo octaves; students: mean ± sd "
+    md = (f"# demo-pitch results\n\nTest set: {counts.get('test')} clips (held-out f0 bands and timbres), every "
+          f"model at {hop_ms:g} ms frames; RPA = voiced frames within 50 cents, RCA = the same modulo octaves; students: mean ± sd "
           f"over seeds.\n\n{table}\n\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n")
     storage.atomic_write_bytes(storage.join(out, "results.md"), md.encode())
 
@@ -150,8 +152,8 @@ def write_report(out: str, specs: dict[str, str], evals: dict[str, dict], runs: 
     t10 = np.arange(len(f0)) * 0.01
     ax.plot(t10, np.where(f0 > 0, f0, np.nan), color="k", lw=3, alpha=0.35, label="truth")
     for name, hz in est.items():
-        t = np.arange(len(hz)) * 0.04
-        voiced = pitch.align_reference(f0, 40.0, len(hz)) > 0
+        t = np.arange(len(hz)) * hop_ms / 1000
+        voiced = pitch.align_reference(f0, float(hop_ms), len(hz)) > 0
         ax.plot(t, np.where(voiced, hz, np.nan), marker=".", lw=1, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("time (s)")

@@ -21,7 +21,7 @@ def test_demo_pitch_small(tmp_path, ray_local, capsys):
     text = capsys.readouterr().out
     cache = SoftTargetRun(str(out / "softtargets"))
     m = cache.manifest
-    assert (m.level, m.num_classes, m.frame_shift_ms, m.k) == ("frame", 360, 40.0, 10)
+    assert (m.level, m.num_classes, m.frame_shift_ms, m.k) == ("frame", 360, 80.0, 10)
     assert m.teacher["specs"][0].startswith("pipeline.models.zoo:crepe_full")
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["models"]}
