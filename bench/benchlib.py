@@ -160,6 +160,9 @@ class TreeStats:
     peak_workers_rss_sum: int = 0  # all Ray workers at one instant (shared object-store pages counted per process)
     peak_worker_role: str = ""
     cpu_by_role: dict = field(default_factory=dict)  # seconds of user+system CPU over the whole run
+    # the same, less what each process had used before it first ran that role (its start-up:
+    # interpreter, imports), so that a role's CPU per item is its work's
+    work_cpu_by_role: dict = field(default_factory=dict)
     series: list = field(default_factory=list)  # [(wall time, {role: cumulative CPU s}, probe value)] per sample
     samples: int = 0
 
@@ -206,6 +209,7 @@ class TreeSampler(threading.Thread):
         self.stats = TreeStats()
         self._cpu: dict[int, float] = {}
         self._roles: dict[int, str] = {}
+        self._entry_cpu: dict[int, float] = {}  # a process's CPU when it was first seen in its role
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -230,6 +234,8 @@ class TreeSampler(threading.Thread):
                 continue
             role = _role(cmd, p.pid == self.root.pid)
             if (role not in ("ray::IDLE", "sys:?")) or p.pid not in self._roles:  # an exiting process loses its title
+                if self._roles.get(p.pid) != role:
+                    self._entry_cpu[p.pid] = ct.user + ct.system
                 self._roles[p.pid] = role
             self._cpu[p.pid] = ct.user + ct.system
             if role == "driver":
@@ -261,6 +267,11 @@ class TreeSampler(threading.Thread):
         self._halt.set()
         self.join()
         self.stats.cpu_by_role = dict(sorted(self._by_role().items(), key=lambda kv: -kv[1]))
+        work: dict[str, float] = {}
+        for pid, secs in self._cpu.items():
+            role = self._roles.get(pid, "?")
+            work[role] = work.get(role, 0.0) + secs - self._entry_cpu.get(pid, 0.0)
+        self.stats.work_cpu_by_role = dict(sorted(work.items(), key=lambda kv: -kv[1]))
         return self.stats
 
 
