@@ -192,7 +192,8 @@ def ray_compactor(run_uri: str, facts):
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     pool = [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(run_uri, facts)
             for n in nodes] or [actor.remote(run_uri, facts)]
-    turn = itertools.count()
+    turn = itertools.count()  # round-robin over the pool
+    handles = itertools.count()  # one per compact() call, stable across a resubmission
     jobs: dict[int, tuple] = {}  # handle -> (ref, actor, args)
 
     def submit(handle: int, args: tuple) -> None:
@@ -224,7 +225,6 @@ def ray_compactor(run_uri: str, facts):
         finished = {h for h, _ in done}
         return done, [h for h in pending if h not in finished]
 
-    handles = itertools.count()
     return compact, wait
 
 
