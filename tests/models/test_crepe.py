@@ -138,3 +138,38 @@ def test_students_follow_the_conventions(factory):
         b.load_state_dict(model.state_dict())
         dense = b.eval()(x, lengths)
     assert torch.allclose(a[0], dense[0, ::4][:13], atol=1e-4)  # frame-independent: hop only picks frames
+
+
+@pytest.mark.parametrize("f0", [55.0, 82.4, 130.8, 311.1])
+def test_autocorrelation_channel_peaks_at_the_period(f0):
+    """The acf channel at pitch bin b is the frame's autocorrelation at lag sr / f_b (window
+    taper divided out): a harmonic tone has a peak of ~1 within one bin (20 cents) of its f0,
+    and nothing as high between f0 and its octave above, where the spectrum channels alone
+    resolve low f0 worst."""
+    from pipeline.models.crepe import normalize_frames
+    from pipeline.models.pitch_zoo import HarmonicFrontend
+
+    t = np.arange(1024) / 16000
+    x = sum(np.sin(2 * np.pi * h * f0 * t + h) / h for h in range(1, 9)).astype(np.float32)
+    fe = HarmonicFrontend(acf=True)
+    chans = fe(normalize_frames(torch.from_numpy(x)[None]))[0]
+    assert chans.shape == (len(fe.offsets) + 1, 360)
+    assert torch.equal(chans[:-1], HarmonicFrontend()(normalize_frames(torch.from_numpy(x)[None]))[0])
+    acf = chans[-1].numpy()
+    true_bin = float(pitch.hz_to_bin(np.array([f0]))[0])
+    b = int(round(true_bin))
+    near = acf[max(0, b - 1): b + 2]
+    assert near.max() > 0.9
+    assert abs(int(np.argmax(near)) + max(0, b - 1) - true_bin) <= 1.0
+    between = acf[b + 5: b + 55]  # 100 cents above f0 up to just below its octave (60 bins)
+    assert between.max() < near.max() - 0.2
+
+
+def test_acf_student_spec_adds_one_input_channel():
+    plain = build_model(parse_spec("pipeline.models.zoo:pitch_hcnn?channels=32&layers=3&hop_ms=40"))
+    acf = build_model(parse_spec("pipeline.models.zoo:pitch_hcnn?channels=32&layers=3&acf=true&hop_ms=40"))
+    assert acf.body[0].in_channels == plain.body[0].in_channels + 1
+    assert zoo.count_parameters(acf) - zoo.count_parameters(plain) == 32 * 5  # one channel x C x kernel
+    x = torch.randn(2, 4000)
+    with torch.inference_mode():
+        assert acf.eval()(x, torch.tensor([4000, 2500])).shape == (2, 1 + 4000 // 640, 360)
