@@ -209,7 +209,10 @@ class TreeSampler(threading.Thread):
         self.stats = TreeStats()
         self._cpu: dict[int, float] = {}
         self._roles: dict[int, str] = {}
-        self._entry_cpu: dict[int, float] = {}  # a process's CPU when it was first seen in its role
+        # a process's CPU when it was first seen in its current role (up to one sampling interval
+        # late, so a few tenths of a second of each process's first work count as start-up)
+        self._entry_cpu: dict[int, float] = {}
+        self._done_work: dict[str, float] = {}  # work CPU of roles that processes have since left
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -234,7 +237,11 @@ class TreeSampler(threading.Thread):
                 continue
             role = _role(cmd, p.pid == self.root.pid)
             if (role not in ("ray::IDLE", "sys:?")) or p.pid not in self._roles:  # an exiting process loses its title
-                if self._roles.get(p.pid) != role:
+                prev = self._roles.get(p.pid)
+                if prev != role:  # the work it did in its previous role stays that role's
+                    if prev is not None:
+                        self._done_work[prev] = (self._done_work.get(prev, 0.0)
+                                                 + self._cpu.get(p.pid, 0.0) - self._entry_cpu.get(p.pid, 0.0))
                     self._entry_cpu[p.pid] = ct.user + ct.system
                 self._roles[p.pid] = role
             self._cpu[p.pid] = ct.user + ct.system
@@ -267,7 +274,7 @@ class TreeSampler(threading.Thread):
         self._halt.set()
         self.join()
         self.stats.cpu_by_role = dict(sorted(self._by_role().items(), key=lambda kv: -kv[1]))
-        work: dict[str, float] = {}
+        work: dict[str, float] = dict(self._done_work)
         for pid, secs in self._cpu.items():
             role = self._roles.get(pid, "?")
             work[role] = work.get(role, 0.0) + secs - self._entry_cpu.get(pid, 0.0)

@@ -81,6 +81,8 @@ class HarmonicFrontend(nn.Module):
         self.register_buffer("window", torch.hann_window(WINDOW, periodic=False), persistent=False)
         self.register_buffer("fbank", logfreq_matrix(self.n_fft, self.lo, self.hi), persistent=False)
         if self.acf:
+            if self.n_fft < 2 * WINDOW - 1:  # shorter, and the autocorrelation would wrap around
+                raise ValueError(f"acf needs n_fft >= {2 * WINDOW - 1}, got {self.n_fft}")
             # pitch bin b <-> lag sr / f_b samples, read by linear interpolation; the window's
             # own autocorrelation divides out its taper (long lags, low f0, keep their height)
             lag = SAMPLE_RATE / bin_to_hz(np.arange(NUM_BINS, dtype=np.float64))
@@ -169,7 +171,7 @@ def pitch_hcnn(channels: int = 48, layers: int = 4, kernel: int = 5, harmonics: 
     HarmonicFrontend): what resolves f0 below ~200 Hz, where a 64 ms frame's spectrum
     barely separates the harmonics.
     """
-    if not isinstance(acf, (bool, int)):  # a spec's "acf=false" arrives as JSON false; "False" would be a string
+    if not isinstance(acf, (bool, int)) or acf not in (0, 1):  # a spec's "acf=false" arrives as JSON false
         raise ValueError(f"acf must be true or false, got {acf!r}")
     return PitchHCNN(channels, layers, kernel, tuple(float(h) for h in harmonics), hop_ms, chunk, dropout, bool(acf))
 

@@ -117,9 +117,11 @@ def test_tiny_tracks_the_synthesised_f0(tiny):
     assert counts.metrics()["rpa"] > 0.9
 
 
-@pytest.mark.parametrize("factory", ["pitch_hcnn", "pitch_cnn"])
+@pytest.mark.parametrize("factory", ["pitch_hcnn", "pitch_hcnn?acf", "pitch_cnn"])
 def test_students_follow_the_conventions(factory):
-    model = zoo.FACTORIES[factory](hop_ms=40)
+    factory, _, flag = factory.partition("?")
+    extra = {flag: True} if flag else {}
+    model = zoo.FACTORIES[factory](hop_ms=40, **extra)
     n = zoo.count_parameters(model)
     assert n < PARAMS["tiny"] / 2
     assert (model.num_classes, model.level, model.modality, model.frame_shift_ms) == (360, "frame", "audio", 40.0)
@@ -134,7 +136,7 @@ def test_students_follow_the_conventions(factory):
     model.eval()
     with torch.inference_mode():
         a = model(x, lengths)
-        b = zoo.FACTORIES[factory](hop_ms=10)
+        b = zoo.FACTORIES[factory](hop_ms=10, **extra)
         b.load_state_dict(model.state_dict())
         dense = b.eval()(x, lengths)
     assert torch.allclose(a[0], dense[0, ::4][:13], atol=1e-4)  # frame-independent: hop only picks frames
@@ -156,16 +158,26 @@ def test_autocorrelation_channel_peaks_at_the_period(f0):
     assert chans.shape == (len(fe.offsets) + 1, 360)
     assert torch.equal(chans[:-1], HarmonicFrontend()(normalize_frames(torch.from_numpy(x)[None]))[0])
     acf = chans[-1].numpy()
-    true_bin = float(pitch.hz_to_bin(np.array([f0]))[0])
-    b = int(round(true_bin))
+    # the same from its definition, in float64: the windowed frame's autocorrelation over the
+    # window's, at lag sr / f_b, linearly interpolated
+    frame = normalize_frames(torch.from_numpy(x)[None])[0].double().numpy()
+    w = torch.hann_window(1024, periodic=False, dtype=torch.float64).numpy()
+    r = np.correlate(frame * w, frame * w, "full")[1023:]
+    rw = np.correlate(w, w, "full")[1023:]
+    lags = 16000 / pitch.bin_to_hz(np.arange(360, dtype=np.float64))
+    ref = np.interp(lags, np.arange(600), (r[:600] / r[0]) / (rw[:600] / rw[0]))
+    np.testing.assert_allclose(acf, ref, atol=2e-3)
+    b = int(round(float(pitch.hz_to_bin(np.array([f0]))[0])))
     near = acf[max(0, b - 1): b + 2]
     assert near.max() > 0.9
-    assert abs(int(np.argmax(near)) + max(0, b - 1) - true_bin) <= 1.0
+    assert max(0, b - 1) + int(np.argmax(near)) == int(np.argmax(acf[b - 20: b + 55])) + b - 20  # the peak of the octave
     between = acf[b + 5: b + 55]  # 100 cents above f0 up to just below its octave (60 bins)
     assert between.max() < near.max() - 0.2
 
 
 def test_acf_student_spec_adds_one_input_channel():
+    with pytest.raises(ValueError, match="acf must be true or false"):
+        build_model(parse_spec("pipeline.models.zoo:pitch_hcnn?acf=2"))
     plain = build_model(parse_spec("pipeline.models.zoo:pitch_hcnn?channels=32&layers=3&hop_ms=40"))
     acf = build_model(parse_spec("pipeline.models.zoo:pitch_hcnn?channels=32&layers=3&acf=true&hop_ms=40"))
     assert acf.body[0].in_channels == plain.body[0].in_channels + 1
