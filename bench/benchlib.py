@@ -263,22 +263,20 @@ class TreeSampler(threading.Thread):
                 value = None
         st.series.append((time.time(), {**self._by_role(), **cpu_all}, value))
 
-    def _by_role(self) -> dict[str, float]:
-        cpu: dict[str, float] = {}
+    def _by_role(self, work: bool = False) -> dict[str, float]:
+        """CPU seconds per role; work=True: less each process's CPU before its current role,
+        plus the work of roles processes have left."""
+        cpu: dict[str, float] = dict(self._done_work) if work else {}
         for pid, secs in self._cpu.items():
             role = self._roles.get(pid, "?")
-            cpu[role] = cpu.get(role, 0.0) + secs
+            cpu[role] = cpu.get(role, 0.0) + secs - (self._entry_cpu.get(pid, 0.0) if work else 0.0)
         return cpu
 
     def stop(self) -> TreeStats:
         self._halt.set()
         self.join()
         self.stats.cpu_by_role = dict(sorted(self._by_role().items(), key=lambda kv: -kv[1]))
-        work: dict[str, float] = dict(self._done_work)
-        for pid, secs in self._cpu.items():
-            role = self._roles.get(pid, "?")
-            work[role] = work.get(role, 0.0) + secs - self._entry_cpu.get(pid, 0.0)
-        self.stats.work_cpu_by_role = dict(sorted(work.items(), key=lambda kv: -kv[1]))
+        self.stats.work_cpu_by_role = dict(sorted(self._by_role(work=True).items(), key=lambda kv: -kv[1]))
         return self.stats
 
 

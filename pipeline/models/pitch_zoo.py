@@ -83,14 +83,18 @@ class HarmonicFrontend(nn.Module):
         if self.acf:
             if self.n_fft < 2 * WINDOW - 1:  # shorter, and the autocorrelation would wrap around
                 raise ValueError(f"acf needs n_fft >= {2 * WINDOW - 1}, got {self.n_fft}")
-            # pitch bin b <-> lag sr / f_b samples, read by linear interpolation; the window's
-            # own autocorrelation divides out its taper (long lags, low f0, keep their height)
+            # pitch bin b <-> lag sr / f_b samples, read by linear interpolation between lags lo
+            # and lo + 1; each is divided by the window's own autocorrelation there, which
+            # divides out its taper (long lags, low f0, keep their height). Only these 2 x 360
+            # lags are ever read, so the weights fold both into two (360,) coefficient rows.
             lag = SAMPLE_RATE / bin_to_hz(np.arange(NUM_BINS, dtype=np.float64))
             lo = np.floor(lag).astype(np.int64)
+            frac = lag - lo
+            w = torch.fft.irfft(torch.fft.rfft(self.window.double(), n=self.n_fft).abs() ** 2, n=self.n_fft).numpy()
+            w = w / w[0]
             self.register_buffer("lag_lo", torch.from_numpy(lo), persistent=False)
-            self.register_buffer("lag_w", torch.from_numpy((lag - lo).astype(np.float32)), persistent=False)
-            w = torch.fft.irfft(torch.fft.rfft(self.window, n=self.n_fft).abs() ** 2, n=self.n_fft)
-            self.register_buffer("window_acf", w / w[0], persistent=False)
+            self.register_buffer("lag_coef", torch.from_numpy(np.stack([(1 - frac) / w[lo], frac / w[lo + 1]])
+                                                               .astype(np.float32)), persistent=False)  # (2, 360)
 
     def forward(self, frames: Tensor) -> Tensor:
         X = torch.fft.rfft(frames * self.window, n=self.n_fft)  # (M, K)
@@ -98,9 +102,8 @@ class HarmonicFrontend(nn.Module):
         chans = [logspec[:, o - self.lo: o - self.lo + NUM_BINS] for o in self.offsets]
         if self.acf:
             r = torch.fft.irfft(X.real ** 2 + X.imag ** 2, n=self.n_fft)  # (M, n_fft) linear autocorrelation
-            r = r / r[:, :1].clamp_min(1e-8) / self.window_acf.clamp_min(1e-3)
-            a = r[:, self.lag_lo] * (1 - self.lag_w) + r[:, self.lag_lo + 1] * self.lag_w  # (M, 360)
-            chans.append(a)
+            a = r[:, self.lag_lo] * self.lag_coef[0] + r[:, self.lag_lo + 1] * self.lag_coef[1]  # (M, 360)
+            chans.append(a / r[:, :1].clamp_min(1e-8))  # over r(0): 1 at a perfect period
         return torch.stack(chans, dim=1)  # (M, H [+ 1], 360)
 
 
