@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tail", choices=TAIL_MODES, default="renormalize", help="tail mass outside the top-k' (docs/format.md)")
     g.add_argument("--alpha", type=float, default=0.5,
                    help="weight of hard-label cross-entropy; 1 - alpha weighs the distillation term")
+    g.add_argument("--label-blur", type=float, default=0.0, metavar="SIGMA",
+                   help="hard labels (and --loss hard's teacher top-1) as a Gaussian of this std in classes around "
+                        "the label, for ordered classes such as pitch bins (CREPE: 1.25 = 25 cents); 0: one-hot")
     g.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="ignore teacher targets (samples, or frames) whose confidence is below this")
     g.add_argument("--online-teacher", metavar="SPEC", default=None,
@@ -133,6 +136,8 @@ def _validate(args) -> None:
         raise ConfigError("--steps must be >= 1")
     if args.temperature <= 0:
         raise ConfigError("--temperature must be > 0")
+    if not math.isfinite(args.label_blur) or args.label_blur < 0:
+        raise ConfigError(f"--label-blur must be a finite number >= 0, got {args.label_blur}")
     if not 0 <= args.alpha <= 1:
         raise ConfigError("--alpha must be between 0 and 1")
     if not 0 < args.labeled_ratio < 1 and args.labeled and (args.soft_targets or args.online_teacher):
@@ -276,7 +281,7 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
                     frame_shift_ms=frame_shift, teacher_stride=teacher_stride, limits=limits_from_args(args),
                     pad_samples=pad_samples(prep, args.pad_ms))
     loss = LossPlan(loss=args.loss, temperature=args.temperature, k=args.top_k, tail=args.tail, alpha=alpha,
-                    confidence_threshold=args.confidence_threshold)
+                    confidence_threshold=args.confidence_threshold, label_blur=args.label_blur)
     optim = OptimPlan(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
                       warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(0.05 * total),
                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=epochs, max_steps=args.steps,

@@ -50,22 +50,40 @@ def kd_mse(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tens
     return ((s - t) ** 2).mean(-1)
 
 
-def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per position; labels (*L,) with -1 = no label (loss 0 there). Returns (*L,)."""
-    flat = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]),
-                           labels.reshape(-1).long().clamp_min(0), reduction="none")
+def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
+    """Cross-entropy per position: student_logits (*L, C); labels (*L,) with -1 = no label (loss
+    0 there). Returns (*L,).
+
+    blur > 0: for ordered classes (pitch bins), the target is a Gaussian of std ``blur``
+    classes centred on the label, normalised over the C classes, instead of a one-hot. CREPE
+    blurs its targets so (σ = 25 cents = 1.25 bins; it trains 360 sigmoids against the
+    unnormalised Gaussian): a one-hot on a 20-cent grid says a bin 20 cents off is as wrong as
+    one an octave off, which the weighted-average decode around the peak does not assume.
+    """
+    C = student_logits.shape[-1]
+    logits = student_logits.float().reshape(-1, C)  # (N, C)
+    y = labels.reshape(-1).long().clamp_min(0)  # (N,)
+    if blur > 0:
+        if y.numel() and int(y.max()) >= C:  # F.cross_entropy rejects these; a Gaussian would only clip them
+            raise ValueError(f"label {int(y.max())} out of range for {C} classes")
+        c = torch.arange(C, device=logits.device, dtype=torch.float32)
+        target = torch.softmax(-0.5 * ((c[None, :] - y[:, None].float()) / blur) ** 2, dim=-1)  # (N, C), rows sum to 1
+        flat = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    else:
+        flat = F.cross_entropy(logits, y, reduction="none")
     return flat.reshape(labels.shape) * (labels >= 0)
 
 
 def distill_loss(kind: str, student_logits, ids, logprobs, logsumexp, temperature=1.0, k=None,
-                 tail="renormalize") -> torch.Tensor:
-    """Dispatch: "kl" (default), "mse" (top-k logits) or "hard" (CE on the teacher's top-1). (*L,)"""
+                 tail="renormalize", blur: float = 0.0) -> torch.Tensor:
+    """Dispatch: "kl" (default), "mse" (top-k logits) or "hard" (CE on the teacher's top-1,
+    blurred like the labels by ``blur``, see hard_ce). (*L,)"""
     if kind == "kl":
         return kd_kl(student_logits, ids, logprobs, temperature, k, tail)
     if kind == "mse":
         return kd_mse(student_logits, ids, logprobs, logsumexp, k)
     if kind == "hard":
-        return hard_ce(student_logits, ids[..., 0])
+        return hard_ce(student_logits, ids[..., 0], blur)
     raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
 
 

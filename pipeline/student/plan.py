@@ -42,6 +42,7 @@ class LossPlan:
     tail: str = "renormalize"
     alpha: float = 0.5
     confidence_threshold: float = 0.0
+    label_blur: float = 0.0  # std in classes of the Gaussian hard targets (ordered classes); 0: one-hot
 
 
 @dataclass(frozen=True)

@@ -76,13 +76,14 @@ class StepLoss:
         at_t, T, soft_w = target_positions(logits, s_len, b, self.stride)
         if T is None:
             soft_w = soft_w & (b["t_conf"] >= p.confidence_threshold)
-            soft = distill_loss(p.loss, at_t, b["t_ids"], b["t_lp"], b["t_lse"], p.temperature, p.k, p.tail)
+            soft = distill_loss(p.loss, at_t, b["t_ids"], b["t_lp"], b["t_lse"], p.temperature, p.k, p.tail,
+                                p.label_blur)
         else:
             soft_w = soft_w & (b["t_conf"][:, :T] >= p.confidence_threshold)
             soft = distill_loss(p.loss, at_t[:, :T], b["t_ids"][:, :T], b["t_lp"][:, :T], b["t_lse"][:, :T],
-                                p.temperature, p.k, p.tail) if T else logits.new_zeros(logits.shape[0], 0)
+                                p.temperature, p.k, p.tail, p.label_blur) if T else logits.new_zeros(logits.shape[0], 0)
         lab_logits, labels, hard_w = label_positions(logits, s_len, b["label"] if logits.dim() == 2 else b["flabels"])
-        hard = hard_ce(lab_logits, labels) if labels.numel() else logits.new_zeros(labels.shape)
+        hard = hard_ce(lab_logits, labels, p.label_blur) if labels.numel() else logits.new_zeros(labels.shape)
         hard_w, soft_w = hard_w.float(), soft_w.float()
         soft = torch.where(soft_w > 0, soft, torch.zeros_like(soft))  # masked positions may hold padding garbage
         loss = combine(hard.flatten(), hard_w.flatten(), soft.flatten(), soft_w.flatten(), p.alpha)

@@ -63,6 +63,30 @@ def test_hard_ce_ignores_missing_labels_and_hard_pseudo_uses_top1():
     assert torch.allclose(distill_loss("hard", s, tk.ids, tk.logprobs, tk.logsumexp), hard_ce(s, tk.ids[:, 0]))
 
 
+def test_blurred_labels_are_a_gaussian_over_neighbouring_classes():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 3, 40, generator=g)  # frame level: (B, T, C)
+    labels = torch.tensor([[0, 17, -1], [39, 20, 21]])
+    got = hard_ce(s, labels, blur=1.25).double()
+    c = torch.arange(40, dtype=torch.float64)
+    ref = torch.zeros(2, 3, dtype=torch.float64)
+    for i in range(2):
+        for j in range(3):
+            if labels[i, j] >= 0:
+                w = torch.exp(-((c - labels[i, j]) ** 2) / (2 * 1.25 ** 2))
+                ref[i, j] = -(w / w.sum() * torch.log_softmax(s[i, j].double(), -1)).sum()
+    assert got[0, 2] == 0 and torch.allclose(got, ref, atol=1e-5)
+    # the loss is least for logits peaked on the label, and a shifted peak costs more the further it is
+    peak = lambda b: -((c.float() - b) ** 2)[None] / 4  # logits (1, C) peaked at bin b
+    costs = [float(hard_ce(peak(20 + d), torch.tensor([20]), blur=1.25)) for d in (0, 1, 3)]
+    assert costs[0] < costs[1] < costs[2]
+    # a tiny blur is the one-hot cross-entropy; "hard" pseudo-labels are blurred the same way
+    assert torch.allclose(hard_ce(s, labels, blur=1e-3), hard_ce(s, labels), atol=1e-5)
+    tk = topk_from_logits(torch.randn(2, 3, 40, generator=g), 3)
+    assert torch.allclose(distill_loss("hard", s, tk.ids, tk.logprobs, tk.logsumexp, blur=1.25),
+                          hard_ce(s, tk.ids[..., 0], blur=1.25))
+
+
 def test_combine_weights_alpha_by_position_counts():
     hard, soft = torch.tensor([2.0, 4.0, 0.0]), torch.tensor([0.0, 1.0, 3.0])
     hw, sw = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
@@ -99,6 +123,17 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     thr = float(tk.confidence.median())
     _, stats = StepLoss(replace(plan, confidence_threshold=thr))(logits, s_len, b)
     assert stats["soft_n"] == int(((tk.confidence >= thr) & mask).sum())
+    # --loss hard with --label-blur: the blurred teacher top-1 and blurred labels, through the same step
+    b["flabels"] = torch.tensor([[0, 2, -1, 4, 1, 3, 3], [1, 1, 1, -1, 0, -1, -1]])
+    hp = replace(plan, loss="hard", label_blur=1.25)
+    loss, stats = StepLoss(hp)(logits, s_len, b)
+    lab_mask = (b["flabels"] >= 0) & torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
+    want = (hard_ce(logits, b["flabels"], 1.25)[lab_mask].sum() + hard_ce(logits, tk.ids[..., 0], 1.25)[mask].sum()) \
+        / (lab_mask.sum() + mask.sum())
+    assert stats["hard_n"] == int(lab_mask.sum()) and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert StepLoss(replace(hp, label_blur=0.0))(logits, s_len, b)[0].item() != pytest.approx(loss.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="out of range"):
+        hard_ce(logits, torch.full((B, T), C), blur=1.25)
 
 
 def test_warmup_then_cosine():

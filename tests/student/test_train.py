@@ -200,6 +200,9 @@ def test_incompatible_caches_are_refused(cache, tmp_path, capsys):
     m["format_version"] = 9
     (bad / "manifest.json").write_text(json.dumps(m))
     assert "unsupported format_version 9" in refused("--soft-targets", str(bad), "--student", STUDENT)
+    for blur in ("-1", "nan"):
+        assert "--label-blur must be a finite number >= 0" in refused("--soft-targets", st, "--student", STUDENT,
+                                                                      "--label-blur", blur)
     assert not (tmp_path / "o").exists()
 
 
