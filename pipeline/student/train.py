@@ -289,6 +289,8 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
                         "history": json.dumps(history)}, os.path.join(d, TRAIN_STATE))
             checkpoint = Checkpoint.from_directory(d)
+            lines = "".join(json.dumps(h) + "\n" for h in history)
+            storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
         if rank == 0:
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
@@ -297,9 +299,6 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
             log.info(f"[train] epoch {epoch}/{plan.optim.epochs} step {step} loss {metrics['loss']:.4f} ce {ce} "
                      f"kd {kd} lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait {wait}{acc}")
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
-        if checkpoint is not None:  # after report has persisted it: the file never runs ahead of a checkpoint
-            lines = "".join(json.dumps(h) + "\n" for h in history)
-            storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
 
 
 def read_metrics(output: str) -> list[dict]:
