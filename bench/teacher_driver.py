@@ -106,7 +106,9 @@ def naive_main(inputs_file: str, output: str, batch: int, result_file: str) -> i
 
     with open(inputs_file) as f:
         shards = [ln.strip() for ln in f if ln.strip()]
-    ray.init(logging_level="WARNING")
+    exp = os.environ.get("KDPIPE_EXP", "")
+    kw = {"_system_config": {"enable_metrics_collection": False}} if "nometrics" in exp else {}
+    ray.init(logging_level="WARNING", include_dashboard="dash" in exp, log_to_driver="nolog" not in exp, **kw)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.monotonic()
 

@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -59,6 +60,18 @@ PRESETS = {
         shards=24, per_shard=128, batch_size=64, top_k=5, prep=[], device="cpu",
         smoke=dict(shards=2, per_shard=32, forward_seconds=2.0),
         memory=dict(shards=8, per_shard=32),
+    ),
+    # The GPU stand-in (pipeline/models/standin.py): wav2vec2-large's H200 timing (93.8 ms per batch
+    # of 64 ten-second clips), asleep with the GIL released, on 10 s FLAC clips; frame level, 32
+    # classes. What it measures is the actor: call_ratio (the actor's call over the pure forward).
+    # On 2 cores the pipeline itself is decode-bound (a 10 s FLAC costs ~4 ms of one core; the
+    # forward wants 64 every 94 ms), so its ratios are printed but are not this preset's point.
+    "standin": dict(
+        modality="audio", teacher="pipeline.models.zoo:gpu_standin", seconds=(10.0, 10.0), pool=16,
+        shards=8, per_shard=128, distinct=2, batch_size=64, top_k=10, prep=["--features", "none"], device="cpu",
+        forward_seconds=8.0,
+        smoke=dict(shards=2, per_shard=16, distinct=1, batch_size=8, pool=4, forward_seconds=1.0, warmup=1),
+        memory=dict(shards=2, per_shard=128),
     ),
     # ViT-B/16 at 224 on 500x375 JPEGs (the DESIGN.md reference setup); for an H100 box.
     "vit-b16": dict(
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
     p.add_argument("--actors", type=int, default=None, help="teacher actors in the pipeline (default: the job's)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
+    p.add_argument("--actor-concurrency", type=int, default=3,
+                   help="calls one teacher actor runs at once, in the pipeline and in the in-process call measurement")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per teacher actor (0.5: two actors share a GPU, so one's host work overlaps the "
                         "other's forward; give --actors 2 with it)")
@@ -170,11 +185,13 @@ def job_prep(cfg: dict) -> dict:
 class InProcess:
     """The in-process measurements, all at batch size B on ``device``."""
 
-    def __init__(self, cfg: dict, shard_uri: str, device: str, threads: int, precision: str):
+    def __init__(self, cfg: dict, shard_uri: str, device: str, threads: int, precision: str, concurrency: int = 1):
         import torch
 
         torch.set_num_threads(threads)
         self.cfg, self.shard_uri, self.device, self.threads, self.precision = cfg, shard_uri, device, threads, precision
+        self.concurrency = concurrency
+        self.flops_per_sample: float | None = None
         self.prep = job_prep(cfg)
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.level = self.num_classes = self.k = None
@@ -241,18 +258,22 @@ class InProcess:
         self.k = min(self.cfg["top_k"], self.num_classes)
         facts = RunFacts("bench", self.cfg["modality"], self.level, self.k, self.num_classes, "parquet",
                          str(id_dtype(self.num_classes)), 20.0 if self.level == "frame" else None)
-        pred = TeacherPredictor((), (), prep, facts, os.path.join(work, "inprocess-run"), runner=runner)
+        pred = TeacherPredictor((), (), prep, facts, os.path.join(work, "inprocess-run"), runner=runner,
+                                concurrency=self.concurrency)
+        # The actor's calls as Ray Data makes them: up to `concurrency` at once, on threads.
+        pool = ThreadPoolExecutor(self.concurrency)
         for i in range(self.cfg["warmup"]):
             runner.predict(*on_dev[i % len(on_dev)])
-            pred(self.batches[i % len(self.batches)])
+        list(pool.map(pred, [self.batches[i % len(self.batches)] for i in range(max(self.cfg["warmup"], self.concurrency))]))
+        if self.flops_per_sample is None:
+            self.flops_per_sample = model_flops(runner, on_dev[0]) / self.batches[0].num_rows
 
         def pure():
             for x, lengths in on_dev:
                 runner.predict(x, lengths)
 
         def call():
-            for b in self.batches:
-                pred(b)
+            list(pool.map(pred, self.batches))
 
         acc = {"pure": [0.0, 0.0, 0], "call": [0.0, 0.0, 0]}  # wall, cpu, passes
         rnd = 0
@@ -274,6 +295,7 @@ class InProcess:
             out.append({"samples": n, "seconds": wall, "cpu_s": cpu, "samples_per_s": n / wall,
                         "audio_s_per_s": self.audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
                         "loadavg": os.getloadavg()[0], "model_build_s": build})
+        pool.shutdown()
         on_dev = runner = pred = None  # frees the teacher (and its device memory) before the pipeline run
         self._free()
         shutil.rmtree(os.path.join(work, "inprocess-run"), ignore_errors=True)
@@ -287,6 +309,43 @@ class InProcess:
             torch.cuda.empty_cache()
 
 
+def model_flops(runner, batch) -> float:
+    """FLOPs of one forward of ``batch`` (x, lengths) on the device: matmuls and convolutions,
+    counted by torch's FlopCounterMode (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        runner.predict(*batch)
+    return float(counter.get_total_flops())
+
+
+def peak_matrix_rate(device: str, precision: str, seconds: float = 3.0) -> dict:
+    """The chip's measured dense matrix-multiply rate (FLOP/s) in the forward's dtype: square
+    matmuls of 8192 (CUDA) or 2048 (CPU, torch's threads), as many as fit in ``seconds``. The
+    denominator of model FLOPs utilisation: what this chip does, not its data sheet."""
+    import torch
+
+    from pipeline.models.runner import PRECISIONS
+
+    dtype = PRECISIONS[precision] if device == "cuda" else torch.float32
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        sync()
+        reps += 10
+    wall = time.perf_counter() - t0
+    return {"flop_per_s": 2.0 * n ** 3 * reps / wall, "n": n, "dtype": str(dtype).replace("torch.", "")}
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline runs
 
@@ -295,6 +354,7 @@ def pipeline_argv(cfg: dict, args, inputs: list[str], output: str) -> list[str]:
     argv = ["--input", *inputs, "--output", output, "--teacher", cfg["teacher"], "--batch-size", str(cfg["batch_size"]),
             "--top-k", str(cfg["top_k"]), "--format", args.format, "--device", cfg["device"],
             "--precision", args.precision, "--cpus-per-actor", str(args.cpus_per_actor), "--progress-interval", "30",
+            "--actor-concurrency", str(args.actor_concurrency),
             *cfg["prep"]]
     if args.actors:
         argv += ["--actors", str(args.actors)]
@@ -350,13 +410,14 @@ def main(argv=None) -> int:
     cfg = resolve(args)
     work = args.workdir or tempfile.mkdtemp(prefix="kdpipe-bench-teacher-")
     os.makedirs(work, exist_ok=True)
-    results: dict = {"preset": args.preset, "smoke": args.smoke, "cpus": os.cpu_count(),
+    results: dict = {"preset": args.preset, "smoke": args.smoke, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                      "config": {k: v for k, v in cfg.items() if k not in ("smoke", "memory")}}
     try:
         import torch
 
         device = device_of(cfg["device"])
         cfg["device"] = device  # both sides on the same device
+        results["gpu"] = torch.cuda.get_device_name() if device == "cuda" else None
         if args.threads:
             threads = args.threads
         elif device == "cpu":
@@ -375,7 +436,7 @@ def main(argv=None) -> int:
             print(f"[bench] corpus: {len(corpus.shards)} shards, {corpus.samples:,} samples, "
                   f"{corpus.audio_seconds:,.0f} audio-s, {corpus.bytes / 2**20:,.1f} MiB "
                   f"({time.perf_counter() - t0:.1f} s to build)", flush=True)
-            ip = InProcess(cfg, corpus.shards[0], device, threads, args.precision)
+            ip = InProcess(cfg, corpus.shards[0], device, threads, args.precision, args.actor_concurrency)
             m = {"decode": ip.decode()}
             print(f"[bench] decode, one core: {m['decode']['samples_per_s']:,.1f} samples/s", flush=True)
             m["pure_before"], m["call_before"] = ip.pure_and_call(work)
@@ -388,7 +449,9 @@ def main(argv=None) -> int:
                   f"{m['call_after']['samples_per_s']:,.1f}", flush=True)
             m["actor_call"] = {k: (m["call_before"][k] + m["call_after"][k]) / 2
                                for k in ("samples_per_s", "audio_s_per_s", "cpu_ms_per_sample")}
-            m.update(level=ip.level, num_classes=ip.num_classes, k=ip.k, threads=threads, device=device)
+            m.update(level=ip.level, num_classes=ip.num_classes, k=ip.k, threads=threads, device=device,
+                     concurrency=args.actor_concurrency, flops_per_sample=ip.flops_per_sample,
+                     peak=peak_matrix_rate(device, args.precision))
             results.update(report(cfg, m, pipe, corpus))
         if args.memory_check or args.memory_only:
             ok, results["memory"] = memory_check(cfg, args, work, pool, ext)
@@ -398,6 +461,11 @@ def main(argv=None) -> int:
         if args.memory_only:
             print(f"memory={'PASS' if ok else 'FAIL'}")
         else:
+            if results.get("decode_overhead") is not None:
+                print(f"decode_overhead={results['decode_overhead']:.2f}")
+            if results.get("mfu") is not None:
+                print(f"mfu={results['mfu']:.3f}")
+            print(f"call_ratio={results['call_ratio']:.2f}")
             if results.get("ratio_steady") is not None:
                 print(f"steady_ratio={results['ratio_steady']:.2f}")
             print(f"ratio={results['ratio']:.2f}")
@@ -452,7 +520,7 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
         p = m[tag]
         row(label, p["samples_per_s"], p["cpu_ms_per_sample"], f"{p['seconds']:.1f} s timed, load avg {p['loadavg']:.1f}")
     row("pure forward, mean (the reference)", pure)
-    row("actor __call__, mean (copy+forward+top-k+Arrow)", m["actor_call"]["samples_per_s"],
+    row(f"actor __call__ x{m['concurrency']} threads (copy+fwd+top-k+parts)", m["actor_call"]["samples_per_s"],
         m["actor_call"]["cpu_ms_per_sample"], "timed in rounds alternating with the pure forward")
     row("decode, one core (DecodeShards, one shard)", m["decode"]["samples_per_s"], m["decode"]["cpu_ms_per_sample"],
         "decode alone, not a share of pure")
@@ -465,7 +533,23 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
         row("pipeline, steady (span of the teacher's calls)", steady, None,
             f"teacher busy {calls[3]:.1f} s of {calls[2] - calls[1]:.1f} s ({calls[3] / (calls[2] - calls[1]):.0%}); "
             f"first call {calls[1]:.1f} s after the start")
+    call_ratio = m["actor_call"]["samples_per_s"] / pure
+    peak = m["peak"]["flop_per_s"]
+    fps = m.get("flops_per_sample") or 0.0
+    mfu = fps * pure / peak if fps else None
+    if fps:
+        print(f"  model FLOPs: {fps / 1e9:,.2f} GFLOP per sample; pure forward {fps * pure / 1e12:,.2f} TFLOP/s against "
+              f"{peak / 1e12:,.2f} TFLOP/s measured for {m['peak']['dtype']} matmuls of {m['peak']['n']} on this "
+              f"device: model FLOPs utilisation {mfu:.1%}")
     task_cpu = ray_data_task_cpu(pipe.marks.get("ray_data_stats", "") if pipe.marks else "", "TeacherPredictor")
+    # What decode costs in the pipeline, all of it: the decode worker processes' CPU in the
+    # window (their imports, Ray's task plumbing, serialising blocks), over what the same decode
+    # costs in this process.
+    decode_role = sum(v for r, v in window.items() if "DecodeShards" in r)
+    decode_overhead = (1e3 * decode_role / n) / m["decode"]["cpu_ms_per_sample"] if decode_role and n else None
+    if decode_overhead is not None:
+        print(f"  decode worker processes: {1e3 * decode_role / n:.3f} ms CPU per sample in the pipeline, in-process "
+              f"decode {m['decode']['cpu_ms_per_sample']:.3f}: decode_overhead {decode_overhead:.2f}")
     if window:
         pure_cpu = (m["pure_before"]["cpu_ms_per_sample"] + m["pure_after"]["cpu_ms_per_sample"]) / 2
         tree_cpu = 1e3 * sum(window.values()) / n
@@ -503,7 +587,9 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
                          "other_cpu_in_window": other,
                          "timeline": tl, "wall": pipe.wall, "peak_driver_rss": pipe.tree.peak_driver_rss,
                          "peak_worker_rss": pipe.tree.peak_worker_rss},
-            "teacher_task_cpu_s": task_cpu, "ratio": ratio, "ratio_steady": (steady / pure) if steady else None}
+            "teacher_task_cpu_s": task_cpu, "ratio": ratio, "ratio_steady": (steady / pure) if steady else None,
+            "call_ratio": call_ratio, "decode_overhead": decode_overhead, "mfu": mfu,
+            "flops_per_sample": fps or None, "peak_matrix_flop_per_s": peak}
 
 
 if __name__ == "__main__":

@@ -106,7 +106,16 @@ def use_gpu(device: str) -> bool:
     return device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0
 
 
-def init_ray(address: str | None) -> None:
+def add_ray_flags(p) -> None:
+    """--address and --dashboard (on a parser or an argument group)."""
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard with the embedded local Ray (http://127.0.0.1:8265); off by default: "
+                        "it costs CPU a laptop needs for the job (a cluster's dashboard is the cluster's)")
+
+
+def init_ray(address: str | None, dashboard: bool = False) -> None:
     """Connect to --address / $RAY_ADDRESS, else start an embedded local Ray (once per process)."""
     import logging
 
@@ -118,8 +127,14 @@ def init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Quiet workers: the job prints its own progress; Ray's warnings still show.
-    ray.init(address=address, logging_level="WARNING", log_to_driver=True,
-             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
+    exp = os.environ.get("KDPIPE_EXP", "")
+    kw = {}
+    if not address:
+        kw["include_dashboard"] = dashboard or "dash" in exp
+        if "nometrics" in exp:
+            kw["_system_config"] = {"enable_metrics_collection": False}
+    ray.init(address=address, logging_level="WARNING", log_to_driver="nolog" not in exp,
+             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}}, **kw)
 
 
 def _repo_root_pythonpath() -> str:

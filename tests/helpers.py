@@ -94,7 +94,8 @@ def parquet_input(path, items: list[tuple[str, bytes]]) -> None:
 def direct_logprobs(spec: str, prep: dict, inputs: list[np.ndarray]) -> list[torch.Tensor]:
     """The teacher's log-softmax for each input alone (no batching, no Ray): the reference."""
     from pipeline.models.spec import build_model, parse_spec
-    from pipeline.modalities import make_frontend, preprocessing_from_dict
+    from pipeline.modalities import preprocessing_from_dict
+    from pipeline.modalities.frontends import make_frontend
 
     model = build_model(parse_spec(spec)).eval()
     frontend = make_frontend(preprocessing_from_dict(prep))

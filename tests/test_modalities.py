@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from pipeline.modalities import DecodeError, make_frontend, prepare
+from pipeline.modalities import DecodeError, prepare
+from pipeline.modalities.frontends import make_frontend
 from pipeline.modalities.audio import AudioPreprocessing, chunk_bounds, crop_or_pad, decode_audio
 from pipeline.modalities.image import ImagePreprocessing, prepare_image
 

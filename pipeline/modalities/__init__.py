@@ -1,12 +1,16 @@
-"""Decoding and preprocessing per modality (audio, image)."""
+"""Decoding and preprocessing per modality (audio, image).
+
+Torch-free, so that decode workers import only what decoding needs; the torch side (the
+frontends next to the model, pinned staging of batches) is in ``frontends`` and ``staging``.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.modalities.audio import AUDIO_EXTENSIONS, AudioFrontend, AudioPreprocessing
+from pipeline.modalities.audio import AUDIO_EXTENSIONS, AudioPreprocessing
 from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
-from pipeline.modalities.image import IMAGE_EXTENSIONS, ImageFrontend, ImagePreprocessing
+from pipeline.modalities.image import IMAGE_EXTENSIONS, ImagePreprocessing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,11 +26,6 @@ def preprocessing_from_dict(d: dict) -> Preprocessing:
     if modality == "image":
         return ImagePreprocessing.from_dict(d)
     raise ValueError(f"preprocessing needs modality 'audio' or 'image', got {modality!r}")
-
-
-def make_frontend(prep: Preprocessing):
-    """The torch module that turns decoded batches into model input (runs on the model's device)."""
-    return AudioFrontend(prep) if isinstance(prep, AudioPreprocessing) else ImageFrontend(prep)
 
 
 def prepare(data: bytes, prep: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS
@@ -54,7 +53,6 @@ def media_extensions(modality: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "DEFAULT_LIMITS", "IMAGE_EXTENSIONS", "AudioFrontend", "AudioPreprocessing", "DecodeError",
-    "DecodeLimits", "ImageFrontend",
-    "ImagePreprocessing", "Preprocessing", "chunk_key", "make_frontend", "prepare", "media_extensions", "preprocessing_from_dict",
+    "AUDIO_EXTENSIONS", "DEFAULT_LIMITS", "IMAGE_EXTENSIONS", "AudioPreprocessing", "DecodeError", "DecodeLimits",
+    "ImagePreprocessing", "Preprocessing", "chunk_key", "prepare", "media_extensions", "preprocessing_from_dict",
 ]

@@ -1,21 +1,19 @@
-"""Audio: decode (soundfile), mono mix-down, resampling, chunking, and the log-mel frontend.
+"""Audio: decode (soundfile), mono mix-down, resampling, chunking.
 
-Decode and resampling run on CPU tasks; the feature frontend (``AudioFrontend``) is a torch
-module that runs batched next to the model, on the GPU when there is one.
+This runs in the decode tasks, which import only what decoding needs: numpy and soundfile,
+and torch/torchaudio only when a clip has to be resampled (their import costs a worker ~1 s
+of CPU and ~300 MB). The feature frontend that runs next to the model is in
+``pipeline.modalities.frontends``.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
-from torch import nn
 
 from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
@@ -105,6 +103,9 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """(N,) at sr_in -> (N * sr_out / sr_in,) at sr_out, with torchaudio's sinc resampler."""
     if sr_in == sr_out:
         return wave
+    import torch  # only here: a decode worker whose clips are at the model's rate never loads torch
+    import torchaudio
+
     out = torchaudio.functional.resample(torch.from_numpy(wave), sr_in, sr_out)
     return out.numpy()
 
@@ -153,58 +154,3 @@ def prepare_waveform(data: bytes, prep: AudioPreprocessing, limits: DecodeLimits
     if len(bounds) == 1:
         return [(None, wave)]
     return [((s, e), wave[s:e]) for s, e in bounds]
-
-
-class AudioFrontend(nn.Module):
-    """Batched feature extraction next to the model (GPU when available).
-
-    forward(wave (B, N) float32 zero-padded, lengths (B,) samples)
-      -> (features (B, T, F), feature lengths (B,)) for logmel/fbank,
-         (wave (B, N), lengths) for features="none".
-    Log-mel frames: T = N // hop + 1 (centred STFT, zero-padded at the edges); a row's valid
-    frames are lengths // hop + 1. Edge padding is zeros, like batch padding, so a row's
-    features are the same alone or in a padded batch.
-    """
-
-    def __init__(self, prep: AudioPreprocessing):
-        super().__init__()
-        self.prep = prep
-        self.hop = prep.hop_samples
-        win = int(round(prep.sample_rate * prep.win_ms / 1000))
-        self.mel = None
-        if prep.features == "logmel":
-            n_fft = 1 << max(0, math.ceil(math.log2(win)))
-            self.mel = torchaudio.transforms.MelSpectrogram(
-                sample_rate=prep.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
-                n_mels=prep.n_mels, power=2.0, center=True, pad_mode="constant",
-            )
-
-    def feature_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        if self.prep.features == "none":
-            return lengths
-        if self.prep.features == "fbank":
-            win = int(round(self.prep.sample_rate * self.prep.win_ms / 1000))
-            return torch.clamp((lengths - win) // self.hop + 1, min=1)
-        return lengths // self.hop + 1
-
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prep.features == "none":
-            return wave, lengths
-        feat_len = self.feature_lengths(lengths)
-        if self.prep.features == "logmel":
-            feats = self.mel(wave.float())  # (B, F, T)
-            feats = torch.log(feats + 1e-6).transpose(1, 2)  # (B, T, F)
-        else:
-            rows = []
-            for b in range(wave.shape[0]):
-                n = int(lengths[b])
-                rows.append(torchaudio.compliance.kaldi.fbank(
-                    wave[b, :n].float().unsqueeze(0) * 32768.0, num_mel_bins=self.prep.n_mels,
-                    frame_length=self.prep.win_ms, frame_shift=self.prep.hop_ms,
-                    sample_frequency=self.prep.sample_rate, dither=0.0,
-                ))
-            feats = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, F)
-        # Zero the padded frames so that no statistic sees them.
-        t = torch.arange(feats.shape[1], device=feats.device)
-        mask = (t.unsqueeze(0) < feat_len.to(feats.device).unsqueeze(1)).unsqueeze(-1)
-        return feats * mask, feat_len

@@ -1,7 +1,9 @@
 """Images: decode (PIL), resize + centre-crop on CPU; normalisation next to the model.
 
-CPU tasks ship uint8 (H, W, 3) crops, 4x fewer bytes than float32; ``ImageFrontend``
-converts a batch to normalised float (B, 3, H, W) on the model's device.
+CPU tasks ship uint8 (H, W, 3) crops, 4x fewer bytes than float32;
+``pipeline.modalities.frontends.ImageFrontend`` converts a batch to normalised float
+(B, 3, H, W) on the model's device. Nothing here imports torch unless a torchvision resize
+backend is chosen: decode workers import only what decoding needs.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ import io
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 
 from pipeline.modalities.errors import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
@@ -47,7 +47,7 @@ class ImagePreprocessing:
       (``transforms.functional.resize`` on the uint8 tensor: torchvision's ``weights.transforms()``
       applied to a decoded tensor). They differ by a few grey levels, so a teacher is fed
       exactly what its own library would give it only with the matching backend.
-    mean, std: applied by ``ImageFrontend`` to x / 255.
+    mean, std: applied by ``frontends.ImageFrontend`` to x / 255.
     """
 
     resize: int = 32
@@ -136,6 +136,8 @@ def _crop_offset(size: int, crop: int, rule: str) -> int:
 
 def _tensor_resize(img: Image.Image, nw: int, nh: int, prep: ImagePreprocessing) -> np.ndarray:
     """Resize with torchvision on the (3, H, W) uint8 tensor -> (nh, nw, 3) uint8."""
+    import torch
+
     try:
         from torchvision.transforms import InterpolationMode
         if prep.backend == "torchvision-v2":
@@ -169,16 +171,3 @@ def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = 
         return arr if arr.flags.writeable else arr.copy()
     top, left = _crop_offset(nh, prep.crop, prep.crop_offset), _crop_offset(nw, prep.crop, prep.crop_offset)
     return arr[top: top + prep.crop, left: left + prep.crop].copy()  # (crop, crop, 3), contiguous, writable
-
-
-class ImageFrontend(nn.Module):
-    """forward(x (B, H, W, 3) uint8) -> (B, 3, H, W) float, (x / 255 - mean) / std."""
-
-    def __init__(self, prep: ImagePreprocessing):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std, None

@@ -7,15 +7,16 @@ Decode tasks (teacher and student alike) ship every sample's prepared array in a
     image   fixed_size_list<uint8>[H*W*3]  an (H, W, 3) crop
 
 Building the column costs one concatenation of the arrays, and turning a batch of it back
-into a tensor costs one vectorised copy: no per-row Python on either side. This is the one
-batch-padding implementation (teacher actors, student collate, evaluation).
+into a padded array costs one copy into the caller's buffer: no per-sample Python on either
+side. This is the one batch-padding implementation (teacher actors, student collate,
+evaluation); ``pipeline.modalities.staging`` puts it into reused pinned tensors. No torch
+here: decode workers import this module.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.modalities.audio import AudioPreprocessing
 
@@ -74,33 +75,37 @@ def pad_rows(flat: np.ndarray, offsets: np.ndarray, width: int | None = None, fi
     return out
 
 
-def _host(view: np.ndarray, pin: bool) -> torch.Tensor:
-    """One copy of ``view`` into a fresh (page-locked if ``pin``) tensor; Arrow buffers are
-    read-only, and a pinned buffer is what lets the device copy run asynchronously."""
-    out = torch.empty(view.shape, dtype=torch.from_numpy(view[:0].copy()).dtype, pin_memory=pin)
-    out.numpy()[...] = view
-    return out
+def payload_shape(col, prep, multiple: int = 1) -> tuple[tuple[int, ...], np.dtype]:
+    """The host batch a payload column becomes: audio ((B, N), float32) with N the longest clip
+    rounded up to a multiple of ``multiple`` samples; image ((B, H, W, 3), uint8)."""
+    if isinstance(prep, AudioPreprocessing):
+        offsets = _combined(col).offsets.to_numpy()
+        n = len(offsets) - 1
+        longest = int(np.diff(offsets).max()) if n else 0
+        return (n, -(-longest // multiple) * multiple), np.dtype(np.float32)
+    return (len(col), prep.crop, prep.crop, 3), np.dtype(np.uint8)
 
 
-def payload_batch(col, prep, pin: bool = False, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch of the payload column -> model input on the host.
+def fill_payload(col, prep, out: np.ndarray) -> np.ndarray | None:
+    """Write a payload column into ``out`` (shaped as payload_shape says, any writable memory:
+    a reused pinned staging buffer) -> lengths (B,) int64 for audio, None for images.
 
-    audio: (B, N) float32 zero-padded and lengths (B,) int64, N = the longest clip rounded up to
-    a multiple of ``multiple`` samples; image: (B, H, W, 3) uint8 and None. ``pin``: into
-    page-locked memory, so the copy to a CUDA device can be asynchronous.
-    """
+    Audio rows are copied one slice each and only their padding is zeroed: for a batch of 64
+    ten-second clips that is 64 memcpys (numpy releases the GIL for them), not a masked scatter
+    over the whole (B, N) array."""
     if isinstance(prep, AudioPreprocessing):
         flat, offsets = list_values(col)
         values = flat.to_numpy(zero_copy_only=False)
         lens = np.diff(offsets)
-        n = len(lens)
-        width = -(-int(lens.max()) // multiple) * multiple if n else 0
-        if n and (lens == width).all():  # equal lengths (cropped clips): a reshape, no scatter
-            view = values.reshape(n, width)
-        else:
-            view = pad_rows(values, offsets, width=width)
-        return _host(view, pin), torch.from_numpy(lens)
+        width = out.shape[1]
+        if len(lens) and (lens == width).all():  # equal lengths (cropped clips): one copy
+            out[...] = values.reshape(len(lens), width)
+            return lens
+        for b, (start, n) in enumerate(zip(offsets[:-1].tolist(), lens.tolist())):
+            out[b, :n] = values[start:start + n]
+            out[b, n:] = 0
+        return lens
     arr = _combined(col)
-    c, size = prep.crop, arr.type.list_size
-    values = arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False)
-    return _host(values.reshape(len(arr), c, c, 3), pin), None
+    size = arr.type.list_size
+    out.reshape(-1)[...] = arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False)
+    return None

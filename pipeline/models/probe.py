@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.modalities import AudioPreprocessing, make_frontend, preprocessing_from_dict
+from pipeline.modalities import AudioPreprocessing, preprocessing_from_dict
+from pipeline.modalities.frontends import make_frontend
 
 
 def probe_output(model, prep: dict, seconds: float = 1.0) -> torch.Tensor:

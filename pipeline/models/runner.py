@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from pipeline.models.base import output_lengths
-from pipeline.modalities import make_frontend, preprocessing_from_dict
-from pipeline.modalities.payload import payload_batch
+from pipeline.modalities import preprocessing_from_dict
+from pipeline.modalities.frontends import make_frontend
+from pipeline.modalities.staging import payload_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -16,6 +16,9 @@ Images (x (B, 3, H, W) normalised):
     image_resnet     small CIFAR-style ResNet, ~78k params at defaults
     vit              ViT (defaults ViT-B/16, 86.6M params; benchmarks)
     resnet50         ResNet-50 (25.6M params; benchmarks)
+A GPU stand-in for machines without one (pipeline/models/standin.py; benchmarks):
+    gpu_standin      raw waveform -> 20 ms frames; its forward sleeps (GIL released) as long as
+                     wav2vec 2.0 large takes on an H200 (93.8 ms per 64 x 10 s), 66 params
 
 All follow pipeline/models/base.py: ``forward(x, lengths) -> (B, C) or (B, T', C)`` and
 attributes num_classes / level / modality / frame_shift_ms, plus ``output_lengths`` for the
@@ -42,6 +45,7 @@ from pipeline.models.audio_zoo import (
 from pipeline.models.crepe import CrepeFrames, crepe, crepe_full, crepe_tiny
 from pipeline.models.image_zoo import ImageCNN, ImageResNet, ResNetBottleneck, ViT, image_cnn, image_resnet, resnet50, vit
 from pipeline.models.pitch_zoo import PitchCNN, PitchHCNN, pitch_cnn, pitch_hcnn
+from pipeline.models.standin import GPUStandIn, gpu_standin
 
 FACTORIES = {
     "audio_cnn": audio_cnn,
@@ -57,6 +61,7 @@ FACTORIES = {
     "image_resnet": image_resnet,
     "vit": vit,
     "resnet50": resnet50,
+    "gpu_standin": gpu_standin,
 }
 
 
@@ -69,7 +74,7 @@ __all__ = [
     "FACTORIES", "count_parameters",
     "audio_cnn", "audio_conformer", "wav2vec2_frames", "wav2vec2_large_frames",
     "image_cnn", "image_resnet", "vit", "resnet50",
-    "crepe", "crepe_full", "crepe_tiny", "pitch_hcnn", "pitch_cnn",
+    "crepe", "crepe_full", "crepe_tiny", "pitch_hcnn", "pitch_cnn", "gpu_standin",
     "AudioCNN", "AudioConformer", "Wav2Vec2Frames", "ImageCNN", "ImageResNet", "ViT", "ResNetBottleneck",
-    "CrepeFrames", "PitchHCNN", "PitchCNN",
+    "CrepeFrames", "PitchHCNN", "PitchCNN", "GPUStandIn",
 ]

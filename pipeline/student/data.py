@@ -28,7 +28,8 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from pipeline import storage
 from pipeline.inputs import iter_prepared, split_member
 from pipeline.modalities import DecodeError, chunk_key
-from pipeline.modalities.payload import list_values, pad_rows, payload_array, payload_batch, payload_type
+from pipeline.modalities.payload import list_values, pad_rows, payload_array, payload_type
+from pipeline.modalities.staging import payload_batch
 from pipeline.shards.files import read_errors, read_shard_table
 from pipeline.shards.manifest import RunFacts, ShardRecord
 from pipeline.shards.schema import softtarget_schema

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray,
+from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
                           limits_from_args, resolve_preprocessing, use_gpu)
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-column", default=None, help="Parquet labeled inputs: column of sample keys (default 'key')")
     p.add_argument("--data-column", default=None, help="Parquet labeled inputs: media column (default: the first)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when the cluster has one")
-    p.add_argument("--address", default=None, help="Ray cluster address; default: $RAY_ADDRESS, else embedded local Ray")
+    add_ray_flags(p)
     add_preprocessing_flags(p, "the checkpoint's, or what the model declares")
     add_limit_flags(p)
     return p
@@ -260,7 +260,7 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: So
 
     from pipeline.student.data import ShardRows
 
-    init_ray(args.address)
+    init_ray(args.address, args.dashboard)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(args.device)
     rows = ShardRows(data, soft_run.uri if soft_run else None, soft_run.facts if soft_run else None,

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 
 from pipeline import storage
-from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray, limits_from_args, \
+from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray, limits_from_args, \
     resolve_preprocessing, use_gpu
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
@@ -115,8 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in OUTPUT/train")
     g.add_argument("--checkpoint-every", type=int, default=1,
                    help="checkpoint every N epochs (and after the last); a resumed run restarts from the last one")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
+    add_ray_flags(g)
     return p
 
 
@@ -391,7 +390,7 @@ def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache:
     from pipeline.student.data import ShardRows
     from pipeline.student.train import data_error, train_loop
 
-    init_ray(args.address)
+    init_ray(args.address, args.dashboard)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(args.device)
     cpus = ray.cluster_resources().get("CPU", 0)

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from pipeline import storage
-from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_trust_flag, init_ray,
+from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
                           use_gpu)
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, check_parquet_shard
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--actors", type=int, default=None, help="teacher actors; default: one per GPU share, 1 without GPUs")
     g.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per teacher actor (fractional allowed)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
+    g.add_argument("--actor-concurrency", type=int, default=3,
+                   help="batches each teacher actor works on at once, on threads: while one runs on the device, "
+                        "the next is staged and copied and the last is turned into part files (1: one at a time)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: GPU actors when the cluster has GPUs now, else CPU fallback; cuda: always GPU actors "
                         "(waits for an autoscaling GPU group)")
@@ -75,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true",
                    help="before skipping complete shards, check their files' sha256 against the commit log (reads "
                         "every file; sizes are always checked)")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
+    add_ray_flags(g)
     return p
 
 
@@ -162,8 +164,13 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
         TeacherPredictor, batch_size=ex.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"specs": plan.specs, "trust": plan.trust, "preprocessing": plan.preprocessing,
                                "facts": facts, "run_uri": run_uri, "precision": ex.precision,
-                               "device": "cuda" if use_gpu else "cpu"},
-        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                               "device": "cuda" if use_gpu else "cpu", "concurrency": ex.actor_concurrency},
+        # Calls run concurrently on the actor's threads, so its host work overlaps the forward
+        # (pipeline.teacher.predictor); one more task in flight than calls, so the next batch
+        # is already fetched when a call ends.
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=ex.actor_concurrency,
+                                  enable_true_multi_threading=True,
+                                  max_tasks_in_flight_per_actor=ex.actor_concurrency + 1),
         num_gpus=ex.gpus_per_actor if use_gpu else 0, num_cpus=ex.cpus_per_actor,
     )
 
@@ -235,7 +242,7 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
     import ray
     from ray.data import DataContext
 
-    init_ray(ex.address)
+    init_ray(ex.address, ex.dashboard)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(ex.device)
     gpus = ray.cluster_resources().get("GPU", 0)

@@ -6,11 +6,31 @@ batch of decoded rows into top-k soft targets, writes the rows of each shard in 
 (soft targets and errors, including a sample whose teacher output is NaN/inf) as one part
 file ``RUN/_parts/NAME/<uuid>.parquet``, and returns only PART records and the decode
 stage's END rows (pipeline.teacher.accounting): a few dozen bytes per part.
-"""
 
+The device is never left waiting for the host. Ray Data runs up to ``concurrency`` calls of
+one actor at once, on threads (``ActorPoolStrategy(max_concurrent_calls_per_actor=...,
+enable_true_multi_threading=True)``), and each call goes through:
+
+    1. host    the payload column into its slot's reused pinned staging buffer
+    2. copy    host -> device on the slot's own CUDA stream (``non_blocking``)
+    3. device  under one lock: wait for that copy, enqueue the forward on the compute stream;
+               then top-k and the finiteness check behind it, their results copied back into
+               the slot's pinned output buffers without blocking; an event recorded
+    4. host    wait for the event (the GIL is released), build Arrow, write the part files
+    5. return  the PART records of exactly this call's rows
+
+so while the device runs batch n, other calls stage batch n+1 and write batch n-1. The lock
+only orders the forwards *enqueued* on the device (and keeps one forward's activations in
+memory at a time); on a CPU device it serialises the forwards themselves. A call returns its records
+only after its parts are written, so accounting is per call, as without concurrency: a killed
+actor's calls in flight return nothing, Ray Data resubmits their batches, and the parts they
+left are named by no record (docs/architecture.md).
+"""
 from __future__ import annotations
 
 import io
+import queue
+import threading
 import uuid
 
 import numpy as np
@@ -20,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
+from pipeline.modalities.staging import StagingBuffer, payload_batch
 from pipeline.models.runner import ModelRunner
 from pipeline.models.spec import build_model, parse_spec
 from pipeline.shards.files import node_id
@@ -40,6 +61,29 @@ def part_schema(level: str, k: int, num_classes: int) -> pa.Schema:
     ])
 
 
+def _topk_and_finite(out, k: int, level: str) -> tuple[TopK, torch.Tensor]:
+    """The model outputs' top-k (B[, T'], k) and which rows are finite (B,) bool, on the device.
+
+    A row is finite when every logit of every model is, over its valid frames at frame level
+    (padding frames may hold anything)."""
+    outs = out.logits
+    if len(outs) > 1:
+        topk = topk_from_logprobs(ensemble_logprobs(outs), k)
+        logits = torch.stack(outs)  # (M, B, ...) only for the finiteness check
+    else:
+        topk = topk_from_logits(outs[0], k)
+        logits = outs[0]
+    if level == "frame":
+        t = torch.arange(logits.shape[-2], device=logits.device)
+        valid = (t.unsqueeze(0) < out.frames.unsqueeze(1)).unsqueeze(-1)  # (B, T', 1)
+        finite = (torch.isfinite(logits) | ~valid).flatten(-2).all(-1)
+    else:
+        finite = torch.isfinite(logits).all(-1)
+    if finite.dim() > 1:  # ensemble: every member must be finite
+        finite = finite.all(0)
+    return topk, finite
+
+
 def load_teacher(specs, trust, preprocessing, precision: str, device) -> ModelRunner:
     """The teacher's models (eval mode, on the device) in a ModelRunner."""
     runner = ModelRunner([], preprocessing, device, precision)
@@ -47,28 +91,60 @@ def load_teacher(specs, trust, preprocessing, precision: str, device) -> ModelRu
     return runner
 
 
+class _Slot:
+    """What one call in flight owns: pinned staging for its input and outputs, a copy stream."""
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.input = StagingBuffer(pin=cuda)
+        self.outputs: dict[str, StagingBuffer] = {}
+        self.cuda = cuda
+        self.stream = torch.cuda.Stream(device) if cuda else None
+
+    def host(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's copy in this slot's pinned buffer ``name``, started without
+        blocking (valid once the caller's event has completed); on CPU the tensor itself."""
+        if not self.cuda:
+            return t
+        if name not in self.outputs:
+            self.outputs[name] = StagingBuffer(pin=True)
+        return self.outputs[name].view(tuple(t.shape), t.dtype).copy_(t, non_blocking=True)
+
+
 class TeacherPredictor:
-    """Ray Data UDF (actor): decoded rows (pyarrow) -> part files + PART/END records (pyarrow)."""
+    """Ray Data UDF (actor): decoded rows (pyarrow) -> part files + PART/END records (pyarrow).
+
+    Safe to call from ``concurrency`` threads at once (see the module docstring); more
+    concurrent calls than that wait for a free slot."""
 
     def __init__(self, specs: tuple, trust: tuple, preprocessing, facts: RunFacts, run_uri: str,
-                 precision: str = "bf16", device: str | None = None, runner: ModelRunner | None = None):
+                 precision: str = "bf16", device: str | None = None, runner: ModelRunner | None = None,
+                 concurrency: int = 1):
         """runner: the loaded teacher to use instead of loading ``specs`` (in-process benches)."""
         self.runner = runner or load_teacher(specs, trust, preprocessing, precision, device)
         self.facts = facts
         self.run_uri = run_uri
         self.schema = part_schema(facts.level, facts.k, facts.num_classes)
         self.node = node_id()
+        self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        for _ in range(max(1, concurrency)):
+            self._slots.put(_Slot(self.runner.device))
+        self._device_lock = threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         kinds = table.column("kind").to_numpy()
         samples = table if (kinds == SAMPLE).all() else table.filter(pa.array(kinds == SAMPLE))
-        parts = [self._predict(samples)] if samples.num_rows else []
-        errs = table.filter(pa.array(kinds == ERROR))
-        if errs.num_rows:
-            parts.append(self._errors(errs.column("key"), errs.column("reason"), errs.column("detail"),
-                                      errs.column("shard")))
-        out = pa.concat_tables(parts) if parts else None
-        records = self._write_parts(out) if out is not None else []
+        slot = self._slots.get()
+        try:  # the slot's buffers back the tables until their parts are written
+            parts = [self._predict(samples, slot)] if samples.num_rows else []
+            errs = table.filter(pa.array(kinds == ERROR))
+            if errs.num_rows:
+                parts.append(self._errors(errs.column("key"), errs.column("reason"), errs.column("detail"),
+                                          errs.column("shard")))
+            out = pa.concat_tables(parts) if parts else None
+            records = self._write_parts(out) if out is not None else []
+        finally:
+            self._slots.put(slot)
         ends = table.filter(pa.array(kinds == END))
         for name, count, h in zip(ends.column("shard").to_pylist(), ends.column("count").to_pylist(),
                                   ends.column("key_hash").to_pylist()):
@@ -81,33 +157,47 @@ class TeacherPredictor:
         cols.update(key=keys, kind=pa.array(np.full(n, ERROR, np.int8)), reason=reasons, detail=details)
         return pa.table(cols, schema=self.schema).append_column("shard", shards)
 
-    def _predict(self, samples: pa.Table) -> pa.Table:
+    def _predict(self, samples: pa.Table, slot: _Slot) -> pa.Table:
         f = self.facts
-        x, lengths = self.runner.to_device(samples.column("payload"))
-        out = self.runner.predict(x, lengths)
-        outs, out_frames = out.logits, out.frames
-        if len(outs) > 1:
-            topk = topk_from_logprobs(ensemble_logprobs(outs), f.k)
-            logits = torch.stack(outs)  # (M, B, ...) only for the finiteness check
-        else:
-            topk = topk_from_logits(outs[0], f.k)
-            logits = outs[0]
-        if f.level == "frame":
-            t = torch.arange(logits.shape[-2], device=logits.device)
-            valid = (t.unsqueeze(0) < out_frames.unsqueeze(1)).unsqueeze(-1)  # (B, T', 1)
-            finite = (torch.isfinite(logits) | ~valid).flatten(-2).all(-1)
-        else:
-            finite = torch.isfinite(logits).all(-1)
-        if finite.dim() > 1:  # ensemble: every member must be finite
-            finite = finite.all(0)
-        finite = finite.cpu().numpy()
+        runner = self.runner
+        x, lengths = payload_batch(samples.column("payload"), runner.prep, staging=slot.input)  # 1. host
+        if slot.cuda:  # 2. copy, on the slot's stream: overlaps the forward of another call
+            with torch.cuda.stream(slot.stream):
+                x = x.to(runner.device, non_blocking=True)
+                lengths = lengths.to(runner.device, non_blocking=True) if lengths is not None else None
+        with self._device_lock, torch.inference_mode():  # 3. device: enqueue, do not wait
+            if slot.cuda:
+                compute = torch.cuda.current_stream(runner.device)
+                compute.wait_stream(slot.stream)
+                for t in (x, lengths):  # allocated on the copy stream, used on this one
+                    if t is not None:
+                        t.record_stream(compute)
+            out = runner.predict(x, lengths)
+        # Outside the lock: on CUDA these queue behind the forward on the same stream anyway; on
+        # a CPU device they run while the next call's forward does.
+        with torch.inference_mode():
+            topk, finite = _topk_and_finite(out, f.k, f.level)
+            host = {c: slot.host(c, getattr(topk, c)) for c in TopK.__dataclass_fields__}
+            host["finite"] = slot.host("finite", finite)
+            if out.frames is not None:
+                host["frames"] = slot.host("frames", out.frames)
+            done = None
+            if slot.cuda:
+                done = torch.cuda.Event()
+                done.record(compute)
+        if done is not None:  # 4. host: the GIL is released while the device finishes
+            done.synchronize()
+        finite = host["finite"].numpy()
         good, bad = np.nonzero(finite)[0], np.nonzero(~finite)[0]
         keys = samples.column("key")
         parts = []
         if len(good):
-            sel = torch.from_numpy(good).to(topk.ids.device)
-            topk = TopK(**{c: getattr(topk, c).index_select(0, sel) for c in TopK.__dataclass_fields__})
-            frames = out_frames.index_select(0, sel).cpu().numpy() if out_frames is not None else None
+            topk = TopK(**{c: host[c] for c in TopK.__dataclass_fields__})
+            frames = host["frames"].numpy() if "frames" in host else None
+            if len(good) < len(finite):
+                sel = torch.from_numpy(good)
+                topk = TopK(**{c: getattr(topk, c).index_select(0, sel) for c in TopK.__dataclass_fields__})
+                frames = frames[good] if frames is not None else None
             good_keys = keys if len(good) == len(keys) else keys.take(pa.array(good))
             st = table_from_topk(good_keys, topk, f.level, f.k, f.num_classes, frames)
             n = len(good)

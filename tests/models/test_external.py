@@ -23,7 +23,8 @@ pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
 from pipeline.models.spec import SpecError, absolute_spec, build_model, describe_model, identity, parse_spec  # noqa: E402
-from pipeline.modalities import make_frontend, preprocessing_from_dict  # noqa: E402
+from pipeline.modalities import preprocessing_from_dict  # noqa: E402
+from pipeline.modalities.frontends import make_frontend  # noqa: E402
 from pipeline.modalities.image import ImagePreprocessing, prepare_image  # noqa: E402
 from tests import external_models as em  # noqa: E402
 from tests.helpers import image_bytes, tone  # noqa: E402

@@ -363,3 +363,41 @@ def test_every_parameter_gets_a_gradient(make, shape):
     model(x, lengths).float().sum().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, unused
+
+
+# -- the GPU stand-in --------------------------------------------------------------------------
+
+
+def test_gpu_standin_waits_like_a_gpu_with_the_gil_released():
+    import threading
+    import time
+
+    from pipeline.models.zoo import gpu_standin
+
+    model = gpu_standin(ms_per_batch=200.0, batch=4, seconds=1.0)  # 200 ms for (4, 16000)
+    x = torch.randn(4, 16000) * 0.1
+    lengths = torch.tensor([16000, 12000, 641, 1])
+    spins = []
+    stop = threading.Event()
+
+    def spin():  # pure Python: makes progress only while the forward does not hold the GIL
+        n = 0
+        while not stop.is_set():
+            n += 1
+        spins.append(n)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = model(x, lengths)
+    took = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    assert 0.2 <= took < 1.0
+    assert spins[0] > 100_000  # the other thread ran during the forward's wait
+    assert y.shape == (4, 50, 32) and torch.isfinite(y).all()
+    assert model.output_lengths(lengths).tolist() == [50, 38, 3, 1]
+    half = model(x[:2, :8000], lengths[:2].clamp(max=8000))  # a quarter of the input: a quarter of the time
+    assert half.shape == (2, 25, 32)
+    assert torch.equal(gpu_standin()(x, lengths), gpu_standin()(x, lengths))  # the same model everywhere

@@ -95,7 +95,8 @@ def test_every_member_is_accounted_for_once(hostile, capsys):
     import torch
 
     from pipeline.models.spec import build_model, parse_spec
-    from pipeline.modalities import make_frontend, preprocessing_from_dict
+    from pipeline.modalities import preprocessing_from_dict
+    from pipeline.modalities.frontends import make_frontend
     from pipeline.modalities.image import prepare_image
     from tests.helpers import image_bytes as enc
 

@@ -140,3 +140,102 @@ def test_fingerprint_uses_the_effective_k(tmp_path):
         assert plan.k == 10
         fps.append(plan.fingerprint)
     assert fps[0] == fps[1]
+
+
+def test_concurrent_calls_record_exactly_their_own_rows(tmp_path):
+    """The predictor called from 4 threads at once, as Ray Data's actor concurrency calls it,
+    with a teacher whose forward sleeps (the GIL released, as on a GPU), so one call's host work
+    runs during another's forward: every call's records name exactly its own rows, each part
+    holds what its record says, and the compacted shards are byte for byte those of one call
+    at a time."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from pipeline.teacher.accounting import END_ROW  # the decode row (END is the actor's record)
+    from pipeline.teacher.job import build_parser
+    from pipeline.teacher.plan import plan_teacher
+
+    rng = np.random.default_rng(5)
+    uris = {}
+    for s in range(2):
+        samples = [(f"s{s}-{i}", {"flac": flac_bytes(tone(rng, rng.uniform(0.2, 0.6)))}) for i in range(9)]
+        samples.insert(4, (f"s{s}-bad", {"flac": b"not audio"}))
+        write_tar(tmp_path / f"s{s}.tar", samples)
+        uris[f"s{s}"] = str(tmp_path / f"s{s}.tar")
+    args = build_parser().parse_args(["--input", "x", "--output", "y", "--teacher",
+                                      "tests.teacher_models:slow_audio_cnn?delay=0.05&width=8",
+                                      "--trust-module", "tests.teacher_models", "--top-k", "3"])
+    plan = plan_teacher(args, "unused")
+    dec = DecodeShards(plan.preprocessing, bucket_rows=4)
+    rows = pa.concat_tables([t for n, u in uris.items() for t in dec.shard(n, u)])
+    order = np.random.default_rng(0).permutation(rows.num_rows)  # rows of both shards interleaved
+    rows = rows.take(pa.array(order))
+    batches = [rows.slice(i, 3) for i in range(0, rows.num_rows, 3)]
+
+    def run(name: str, concurrency: int):
+        out = str(tmp_path / name)
+        writer = RunWriter(out, plan.manifest("parquet"))
+        facts = writer.manifest.facts()
+        pred = TeacherPredictor(plan.specs, plan.trust, plan.preprocessing, facts, out, precision="fp32",
+                                device="cpu", concurrency=concurrency)
+        spans = {"forward": [], "write": []}
+        lock = threading.Lock()
+
+        def timed(kind, fn):
+            def inner(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    with lock:
+                        spans[kind].append((t0, time.perf_counter(), threading.get_ident()))
+            return inner
+
+        pred.runner.predict = timed("forward", pred.runner.predict)
+        pred._write_parts = timed("write", pred._write_parts)
+        with ThreadPoolExecutor(concurrency) as pool:
+            records = list(pool.map(pred, batches))
+        return out, writer, facts, records, spans
+
+    out, writer, facts, records, spans = run("concurrent", 4)
+    # the calls did overlap: some call wrote its parts while another's forward ran
+    assert any(w0 < f1 and f0 < w1 and wt != ft for f0, f1, ft in spans["forward"] for w0, w1, wt in spans["write"])
+    seen: list[str] = []
+    parts: dict[str, list[str]] = {}
+    for batch, rec in zip(batches, records):
+        kinds = batch.column("kind").to_numpy()
+        for r in rec.to_pylist():
+            mine = [k for k, s, kind in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), kinds)
+                    if s == r["shard"] and kind != END_ROW]
+            if r["kind"] == END:
+                end = batch.filter(pa.array((kinds == END_ROW) & (np.array(batch.column("shard").to_pylist()) == r["shard"])))
+                assert (r["rows"], r["key_hash"]) == (end.column("count")[0].as_py(), end.column("key_hash")[0].as_py())
+                continue
+            part = pq.read_table(tmp_path / "concurrent" / r["part"])
+            assert sorted(part.column("key").to_pylist()) == sorted(mine)  # this call's rows of that shard, no other
+            assert r["key_hash"] == key_hash(mine)
+            assert (r["rows"], r["errors"]) == (int(pc_count(part, SAMPLE)), int(pc_count(part, ERROR)))
+            seen += mine
+            parts.setdefault(r["shard"], []).append(r["part"])
+    assert sorted(seen) == sorted(k for k, kind in zip(rows.column("key").to_pylist(), rows.column("kind").to_numpy())
+                                  if kind != END_ROW)  # every key once
+    seq_out, seq_writer, seq_facts, seq_records, _ = run("sequential", 1)
+    for name, uri in uris.items():
+        end = rows.filter(pa.array((rows.column("kind").to_numpy() == END_ROW)
+                                   & (np.array(rows.column("shard").to_pylist()) == name)))
+        count, h = end.column("count")[0].as_py(), end.column("key_hash")[0].as_py()
+        compact_shard(out, facts, name, uri, parts[name], count, h)
+        seq_parts = [r["part"] for rec in seq_records for r in rec.to_pylist() if r["kind"] == PART and r["shard"] == name]
+        compact_shard(seq_out, seq_facts, name, uri, seq_parts, count, h)
+        for sub in ("shards", "errors"):
+            assert (tmp_path / "concurrent" / sub / f"{name}.parquet").read_bytes() == \
+                (tmp_path / "sequential" / sub / f"{name}.parquet").read_bytes()
+    writer.abandon()
+    seq_writer.abandon()
+
+
+def pc_count(part: pa.Table, kind: int) -> int:
+    return int((part.column("kind").to_numpy() == kind).sum())

@@ -124,37 +124,48 @@ def test_killed_driver_with_parts_written_recomputes_exactly_the_uncommitted(tmp
     assert set(_committed(out)) == {f"shard-{i:04d}" for i in range(6)} and not (out / "_parts").exists()
 
 
-def test_killed_actor_is_restarted_and_result_unchanged(tmp_path, ray_local, capsys):
+def test_killed_actor_mid_write_is_restarted_and_result_unchanged(tmp_path, ray_local, capsys):
+    """The teacher actor runs several calls at once (--actor-concurrency 3); it is killed at a
+    moment when one of them is writing a part file (the process is frozen while the
+    unfinished file is seen, then killed). Ray Data restarts it and resubmits the calls that
+    were in flight; the run ends with every key once and the same bytes as a clean run."""
     import psutil
 
     audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=22)
-    argv = ["--input", str(tmp_path / "in"), "--teacher", SLOW, "--batch-size", "2", "--progress-interval", "5"]
+    argv = ["--input", str(tmp_path / "in"), "--teacher", SLOW, "--batch-size", "2", "--progress-interval", "5",
+            "--actor-concurrency", "3"]
     killed = []
 
+    def actor_pid():
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            # Ray titles actor processes "ray::MapWorker(MapBatches(TeacherPredictor))..."
+            if "TeacherPredictor" in " ".join(p.info["cmdline"] or []):
+                return p.info["pid"]
+        return None
+
     def killer():
-        # Kill the actor while it writes a part: the moment an unfinished part (an atomic
-        # write's temp file) shows up, or failing that right after a part appears.
         parts = tmp_path / "killed" / "_parts"
         deadline = time.time() + 240
-        seen_parts = 0
+        pid = None
         while time.time() < deadline and not killed:
-            tmp = list(parts.glob("*/.tmp-*")) if parts.exists() else []
-            seen_parts = len(list(parts.glob("*/*.parquet"))) if parts.exists() else 0
-            if tmp or seen_parts >= 2:
-                for p in psutil.process_iter(["pid", "cmdline"]):
-                    # Ray titles actor processes "ray::MapWorker(MapBatches(TeacherPredictor))..."
-                    if "TeacherPredictor" in " ".join(p.info["cmdline"] or []):
-                        os.kill(p.info["pid"], signal.SIGKILL)
-                        killed.append((p.info["pid"], bool(tmp)))
-                        return
-            time.sleep(0.001)
+            pid = pid or actor_pid()
+            for d in (os.scandir(parts) if pid and parts.exists() else ()):
+                for f in os.scandir(d.path):
+                    if f.name.startswith(".tmp-"):  # a part being written
+                        os.kill(pid, signal.SIGSTOP)
+                        if os.path.exists(f.path):  # still unfinished with the process frozen: kill it now
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(f.path)
+                            return
+                        os.kill(pid, signal.SIGCONT)
+            time.sleep(0.0002)  # lets the driver, in this process, have the GIL
 
     t = threading.Thread(target=killer)
     t.start()
     rc = run(argv + ["--output", str(tmp_path / "killed")])
     t.join()
     capsys.readouterr()
-    assert rc == 0 and killed, "an actor must have been killed mid-run"
+    assert rc == 0 and killed, "the actor must have been killed while writing a part"
     assert run(argv + ["--output", str(tmp_path / "clean")]) == 0
     got, want = _values(str(tmp_path / "killed")), _values(str(tmp_path / "clean"))
     assert sorted(got) == sorted(want) and len(got) == 24  # every key once, none twice

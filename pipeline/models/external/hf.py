@@ -350,7 +350,8 @@ def check_image_preprocessing(ip, prep: dict, uri: str, tol: float = 1e-4) -> No
 
     from PIL import Image
 
-    from pipeline.modalities import make_frontend, preprocessing_from_dict
+    from pipeline.modalities import preprocessing_from_dict
+    from pipeline.modalities.frontends import make_frontend
     from pipeline.modalities.image import prepare_image
 
     p = preprocessing_from_dict(prep)
