@@ -12,14 +12,15 @@
    the job's summary says how many bytes of records its driver loop received.
 3. Runs a naive Ray Data script over the same N images in the same run: a shard list ->
    a decode task per shard (tarfile + PIL) -> an actor pool of one running the same model,
-   top-5 -> ``write_parquet`` from the workers; no accounting, no errors table, no resume.
+   top-5 -> ``write_parquet`` from the workers; no accounting, no errors table, no resume;
+   started lean: ``ray.init(include_dashboard=False, log_to_driver=False)``.
 4. Runs the job on the audio corpus with a frame-level 3,000-class teacher, k = 10.
 
 Prints the driver bytes per sample of both job runs, the driver's peak RSS at N/10 and N,
 both throughputs and their ratio (pipeline phase: samples / seconds after Ray started, for
 both); the last line is ``driver_bytes_per_sample=...`` (the image run at N).
-Targets (issue 9): driver bytes per sample <= 1; driver peak RSS within 10% from N/10 to N;
-kdpipe throughput >= 0.9 x the naive script's.
+Targets (issues 9, 19): driver bytes per sample <= 1; driver peak RSS within 10% from N/10 to
+N; kdpipe throughput (its default, lean embedded Ray) >= 0.9 x the lean naive script's.
 """
 
 from __future__ import annotations
@@ -106,9 +107,8 @@ def naive_main(inputs_file: str, output: str, batch: int, result_file: str) -> i
 
     with open(inputs_file) as f:
         shards = [ln.strip() for ln in f if ln.strip()]
-    exp = os.environ.get("KDPIPE_EXP", "")
-    kw = {"_system_config": {"enable_metrics_collection": False}} if "nometrics" in exp else {}
-    ray.init(logging_level="WARNING", include_dashboard="dash" in exp, log_to_driver="nolog" not in exp, **kw)
+    # Lean, as a user who measured would start it: no dashboard, no worker logs streamed.
+    ray.init(logging_level="WARNING", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.monotonic()
 

@@ -111,12 +111,18 @@ def add_ray_flags(p) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address; default: $RAY_ADDRESS (set by ray job submit), else an embedded local Ray")
     p.add_argument("--dashboard", action="store_true",
-                   help="start the Ray dashboard with the embedded local Ray (http://127.0.0.1:8265); off by default: "
-                        "it costs CPU a laptop needs for the job (a cluster's dashboard is the cluster's)")
+                   help="embedded local Ray only: start it with its dashboard (http://127.0.0.1:8265), metrics and "
+                        "worker logs streamed to this console; off by default, as they cost a laptop about a tenth "
+                        "of its CPU (docs/performance.md); worker logs are in /tmp/ray/session_latest/logs either way")
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> None:
-    """Connect to --address / $RAY_ADDRESS, else start an embedded local Ray (once per process)."""
+    """Connect to --address / $RAY_ADDRESS, else start an embedded local Ray (once per process).
+
+    The embedded Ray starts lean unless ``dashboard``: no dashboard, no metrics collection, no
+    worker logs streamed to the driver. On 2 cores those took ~10 % of a pipeline's throughput
+    (docs/performance.md); the job prints its own progress, and a worker's failure still
+    reaches the driver as an exception. A cluster's settings are the cluster's."""
     import logging
 
     import ray
@@ -126,15 +132,12 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    # Quiet workers: the job prints its own progress; Ray's warnings still show.
-    exp = os.environ.get("KDPIPE_EXP", "")
-    kw = {}
-    if not address:
-        kw["include_dashboard"] = dashboard or "dash" in exp
-        if "nometrics" in exp:
-            kw["_system_config"] = {"enable_metrics_collection": False}
-    ray.init(address=address, logging_level="WARNING", log_to_driver="nolog" not in exp,
-             runtime_env=None if address else {"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}}, **kw)
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return
+    ray.init(logging_level="WARNING", include_dashboard=dashboard, log_to_driver=dashboard,
+             _system_config=None if dashboard else {"enable_metrics_collection": False},
+             runtime_env={"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
 
 
 def _repo_root_pythonpath() -> str:

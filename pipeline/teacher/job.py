@@ -64,13 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--actors", type=int, default=None, help="teacher actors; default: one per GPU share, 1 without GPUs")
     g.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per teacher actor (fractional allowed)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
-    g.add_argument("--actor-concurrency", type=int, default=3,
-                   help="batches each teacher actor works on at once, on threads: while one runs on the device, "
-                        "the next is staged and copied and the last is turned into part files (1: one at a time)")
+    g.add_argument("--actor-concurrency", type=int, default=None,
+                   help="batches each teacher actor works on at once, on threads: while one runs on the GPU, the "
+                        "next is staged and copied and the last is turned into part files; default: 3 on GPU "
+                        "actors, 1 on CPU actors (their forward is host work already)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: GPU actors when the cluster has GPUs now, else CPU fallback; cuda: always GPU actors "
                         "(waits for an autoscaling GPU group)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU runs fp32)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the teacher(s) for fixed shapes: batches padded to --batch-size rows, audio "
+                        "to length buckets (at most 25%% longer), each shape compiled once per actor; measure it "
+                        "first (bench/teacher_throughput.py --compile): it pays only where the forward is the bound")
     g.add_argument("--bucket-rows", type=int, default=1024, help="decoded samples sorted by length together, to cut padding")
     g.add_argument("--max-error-rate", type=float, default=0.05,
                    help="exit non-zero when quarantined / (samples + quarantined) exceeds this")
@@ -153,26 +158,55 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     from pipeline.teacher.decode import DecodeShards
     from pipeline.teacher.predictor import TeacherPredictor
 
+    concurrency = actor_concurrency(ex, use_gpu)
     items = [{"name": n, "uri": u} for n, (u, _) in shards.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Decode runs as plain CPU tasks, one per shard. Its memory reservation (a bucket of decoded
-    # audio) also makes its remote args differ from the teacher's, so Ray Data does not fuse the
-    # two into one actor, which would serialise decode and forward instead of overlapping them.
+    # Decode runs as plain CPU tasks, each reading whole shards (one, or a few small ones: see
+    # shards_per_decode_task). Its memory reservation (a bucket of decoded audio) also makes its
+    # remote args differ from the teacher's, so Ray Data does not fuse the two into one actor,
+    # which would serialise decode and forward instead of overlapping them.
+    group = shards_per_decode_task([size for _, size in shards.values()], ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(DecodeShards(plan.preprocessing, ex.bucket_rows, ex.parquet_options, ex.limits),
-                        batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)
+                        batch_size=group, num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
         TeacherPredictor, batch_size=ex.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"specs": plan.specs, "trust": plan.trust, "preprocessing": plan.preprocessing,
                                "facts": facts, "run_uri": run_uri, "precision": ex.precision,
-                               "device": "cuda" if use_gpu else "cpu", "concurrency": ex.actor_concurrency},
+                               "device": "cuda" if use_gpu else "cpu", "concurrency": concurrency,
+                               "compile_batch": ex.batch_size if ex.compile else None},
         # Calls run concurrently on the actor's threads, so its host work overlaps the forward
         # (pipeline.teacher.predictor); one more task in flight than calls, so the next batch
         # is already fetched when a call ends.
-        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=ex.actor_concurrency,
-                                  enable_true_multi_threading=True,
-                                  max_tasks_in_flight_per_actor=ex.actor_concurrency + 1),
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=concurrency,
+                                  enable_true_multi_threading=True, max_tasks_in_flight_per_actor=concurrency + 1),
         num_gpus=ex.gpus_per_actor if use_gpu else 0, num_cpus=ex.cpus_per_actor,
     )
+
+
+DECODE_TASKS_PER_CPU = 8  # at least this many decode tasks per CPU of the cluster: load balance
+DECODE_TASK_BYTES = 256 * 2**20  # at most this much input per decode task (a retry redoes it all)
+
+
+def shards_per_decode_task(sizes: list[int], cpus: float) -> int:
+    """How many input shards one decode task reads, in turn (each still ends with its own END row).
+
+    One, unless the run has many small shards: Ray spends ~25-30 ms of a worker's CPU on every
+    task (scheduling, the streaming generator, putting blocks, stats), which is more than
+    decoding a shard of a thousand thumbnails costs. Shards are then grouped, keeping at least
+    DECODE_TASKS_PER_CPU tasks per CPU and at most DECODE_TASK_BYTES of input per task.
+    sizes: input shard sizes in bytes (0 where unknown)."""
+    if not sizes:
+        return 1
+    mean = max(sum(sizes) / len(sizes), 1.0)
+    by_count = len(sizes) // max(1, int(DECODE_TASKS_PER_CPU * max(cpus, 1)))
+    return max(1, min(by_count, int(DECODE_TASK_BYTES // mean)))
+
+
+def actor_concurrency(ex: ExecPlan, use_gpu: bool) -> int:
+    """Calls one teacher actor runs at once: --actor-concurrency, else 3 on a GPU (one batch on
+    the device, one staged, one written) and 1 on a CPU, where the forward is host work and
+    more calls would only contend for the actor's CPUs."""
+    return ex.actor_concurrency or (3 if use_gpu else 1)
 
 
 def ray_compactor(run_uri: str, facts):
@@ -243,12 +277,18 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
     from ray.data import DataContext
 
     init_ray(ex.address, ex.dashboard)
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # Ray Data's per-task USS poll (a thread reading /proc/PID/smaps every second in every task,
+    # for its stats) is a diagnostic kdpipe does not read; with a large object store mapped into
+    # every worker, each read walks its page tables.
+    ctx.memory_usage_poll_interval_s = None
     gpu = use_gpu(ex.device)
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = ex.actors or (max(1, int(gpus // ex.gpus_per_actor)) if gpus and gpu else 1)
     print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if gpu else 'CPU (no GPU in the cluster)'}, "
-          f"batch {ex.batch_size}, {len(shards)} shard(s) to compute", flush=True)
+          f"batch {ex.batch_size}, {actor_concurrency(ex, gpu)} call(s) in flight per actor, {len(shards)} shard(s) "
+          "to compute", flush=True)
     facts = writer.manifest.facts()
     ds = build_dataset(ex, plan, writer.uri, facts, shards, gpu, actors)
     tracker = tracker_cls(writer, shards, progress, *ray_compactor(writer.uri, facts))

@@ -67,8 +67,9 @@ class ExecPlan:
     progress_interval: float
     address: str | None
     verify: bool
-    actor_concurrency: int = 3  # batches one teacher actor has in flight (pipeline.teacher.predictor)
+    actor_concurrency: int | None = None  # calls in flight per teacher actor; None: by device (job.actor_concurrency)
     dashboard: bool = False  # the embedded local Ray's dashboard
+    compile: bool = False  # torch.compile the teacher for fixed input shapes (ModelRunner.compile)
 
     @property
     def parquet_options(self) -> dict:
@@ -90,12 +91,12 @@ def exec_plan(args) -> ExecPlan:
         raise ConfigError("--max-error-rate must be between 0 and 1")
     if args.progress_interval <= 0:
         raise ConfigError("--progress-interval must be > 0")
-    if args.actor_concurrency < 1:
+    if args.actor_concurrency is not None and args.actor_concurrency < 1:
         raise ConfigError("--actor-concurrency must be >= 1")
     return ExecPlan(args.format, args.batch_size, args.bucket_rows, args.actors, args.gpus_per_actor,
                     args.cpus_per_actor, args.device, args.precision, limits_from_args(args), args.key_column,
                     args.data_column, args.max_error_rate, args.progress_interval, args.address, args.verify,
-                    args.actor_concurrency, args.dashboard)
+                    args.actor_concurrency, args.dashboard, args.compile)
 
 
 def plan_teacher(args, first_shard: str) -> TeacherPlan:

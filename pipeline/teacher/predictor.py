@@ -119,9 +119,12 @@ class TeacherPredictor:
 
     def __init__(self, specs: tuple, trust: tuple, preprocessing, facts: RunFacts, run_uri: str,
                  precision: str = "bf16", device: str | None = None, runner: ModelRunner | None = None,
-                 concurrency: int = 1):
-        """runner: the loaded teacher to use instead of loading ``specs`` (in-process benches)."""
+                 concurrency: int = 1, compile_batch: int | None = None):
+        """runner: the loaded teacher to use instead of loading ``specs`` (in-process benches);
+        compile_batch: torch.compile the teacher for batches of this many rows (ModelRunner.compile)."""
         self.runner = runner or load_teacher(specs, trust, preprocessing, precision, device)
+        if compile_batch and runner is None:
+            self.runner.compile(compile_batch)
         self.facts = facts
         self.run_uri = run_uri
         self.schema = part_schema(facts.level, facts.k, facts.num_classes)

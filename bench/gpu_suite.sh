@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# bash bench/gpu_suite.sh OUT_DIR            # the GPU machine: ~8 min on one H200 (source .devcarry/activate.sh first)
+# bash bench/gpu_suite.sh --smoke OUT_DIR    # any machine: tiny sizes, checks that every step runs (~5 min on 2 CPUs)
+#
+# The GPU presets of both benchmarks at sizes that fit one 10-minute call on one H200, every
+# result in OUT_DIR: NAME.json (all numbers, the GPU's name, "ratio" / "ratio_steady" /
+# "call_ratio"), NAME.log (the full output), and summary.txt (each step's last lines: the
+# ratios). A step that fails or runs past its time limit is reported and the next one runs.
+#
+#   teacher-w2v2   bench/teacher_throughput.py --preset wav2vec2-large   (~40 s of pipeline; ~2.5 min)
+#   teacher-vit    bench/teacher_throughput.py --preset vit-b16          (100k JPEGs; ~2.5 min)
+#   student-speech bench/student_throughput.py --preset gpu-speech       (hard and soft, 4 shards; ~2.5 min)
+#
+# On the device machine (no Ray there; see ../shared/device/make-carry.sh):
+#   source .devcarry/activate.sh && bash bench/gpu_suite.sh $OUT
+set -uo pipefail
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
+out=${1:?usage: bash bench/gpu_suite.sh [--smoke] OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
+summary="$out/summary.txt"
+: > "$summary"
+{
+  echo "kdpipe GPU suite, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  "$py" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only', '| torch', torch.__version__)"
+  echo "CPUs: $(nproc)"
+} | tee -a "$summary"
+
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit} s): $*" | tee -a "$summary"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -E '^[a-z_]+=' "$out/$name.log" | tail -8 | sed 's/^/  /' | tee -a "$summary"
+  echo "  rc=$rc, $((SECONDS - t0)) s" | tee -a "$summary"
+}
+
+if [ $smoke = 1 ]; then
+  sizes_w2v=(--smoke)
+  sizes_vit=(--smoke)
+  sizes_student=(--smoke --only hard soft)
+else
+  # 28,000 ten-second clips: ~41 s of pure forward at the 682 clips/s measured on an H200.
+  sizes_w2v=(--shards 56 --forward-seconds 5)
+  # 100,000 JPEGs: ~50 s at the ~2,000 img/s a CPU-decoded pipeline reached (11 s of pure forward).
+  sizes_vit=(--shards 100 --forward-seconds 5)
+  sizes_student=(--shards 4 --only hard soft --step-seconds 5)
+fi
+step teacher-w2v2 200 "$py" bench/teacher_throughput.py --preset wav2vec2-large "${sizes_w2v[@]}"
+step teacher-vit 190 "$py" bench/teacher_throughput.py --preset vit-b16 "${sizes_vit[@]}"
+step student-speech 160 "$py" bench/student_throughput.py --preset gpu-speech "${sizes_student[@]}"
+echo "results in $out" | tee -a "$summary"
