@@ -12,6 +12,8 @@
 
 Child mode (``pseudo-label``) runs pipeline.teacher.job.run with a ShardTracker subclass that
 also timestamps every record batch the driver receives, and writes the marks to MARKS.json.
+Child mode ``ray-floor`` runs a no-op pipeline of a decode stage's shape (``ray_floor``): what
+Ray itself costs a decode worker, outside and inside its tasks.
 """
 
 from __future__ import annotations
@@ -405,6 +407,76 @@ def _child_pseudo_label(marks_path: str, argv: list[str]) -> int:
     return rc
 
 
+class NoopShards:
+    """Ray Data UDF for ``ray_floor``: a batch of shard rows -> per shard, one table of ``rows``
+    rows whose payload column has ``row_bytes`` bytes a row, as the decode stage emits, made
+    without reading or decoding anything."""
+
+    def __init__(self, rows: int, row_bytes: int):
+        self.rows, self.row_bytes = rows, row_bytes
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        for _ in batch["name"]:
+            offsets = np.arange(self.rows + 1, dtype=np.int64) * self.row_bytes
+            values = pa.array(np.zeros(self.rows * self.row_bytes, np.uint8))
+            yield pa.table({"payload": pa.LargeListArray.from_arrays(pa.array(offsets), values)})
+
+
+class _CountRows:
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        return pa.table({"n": [batch.num_rows]})
+
+
+def _child_ray_floor(marks_path: str, shards: int, rows: int, row_bytes: int) -> int:
+    """Ray's own cost of a decode stage of this shape: the job's Ray start-up and Data settings,
+    ``shards`` shard rows grouped into tasks as the job groups them, each shard a table of
+    ``rows`` x ``row_bytes`` made from nothing, into one actor that counts rows."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.cli import DECODE_TASK_MEMORY, init_ray
+    from pipeline.teacher.job import shards_per_decode_task
+
+    init_ray(None)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.memory_usage_poll_interval_s = None
+    group = shards_per_decode_task([rows * row_bytes] * shards, ray.cluster_resources().get("CPU", 1))
+    start = time.time()
+    ds = ray.data.from_items([{"name": f"s{i}"} for i in range(shards)], override_num_blocks=shards)
+    ds = ds.map_batches(NoopShards(rows, row_bytes), batch_size=group, num_cpus=1, memory=DECODE_TASK_MEMORY)
+    ds = ds.map_batches(_CountRows, batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=1))
+    n = sum(int(b["n"].sum()) for b in ds.iter_batches(batch_size=None))
+    with open(marks_path, "w") as f:
+        json.dump({"pipeline_start_wall": start, "rows": n, "ray_data_stats": ds.stats()}, f)
+    return 0
+
+
+def ray_floor(work: str, shards: int, rows: int, row_bytes: int) -> dict:
+    """Run ``_child_ray_floor`` in a child process with a fresh Ray; returns the CPU its
+    shard-task worker processes used in the window, per row (ms), and that of the tasks alone."""
+    marks = os.path.join(work, "ray-floor.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "ray-floor", marks, str(shards), str(rows), str(row_bytes)]
+    res = run_job(cmd, os.path.join(work, "ray-floor.log"), marks)
+    if res.rc != 0 or not res.marks:
+        raise SystemExit(f"ray floor run failed (exit {res.rc}): {res.output[-3000:]}")
+    window = res.tree.cpu_between(res.marks["pipeline_start_wall"])
+    workers = sum(v for r, v in window.items() if "NoopShards" in r)
+    n = res.marks["rows"]
+    import re
+
+    stats = res.marks["ray_data_stats"]
+    i = stats.find("(NoopShards)")
+    mt = re.search(r"Remote cpu time:.*?([\d.]+)(us|ms|s) total", stats[i:]) if i >= 0 else None
+    tasks = float(mt.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[mt.group(2)] if mt else 0.0
+    return {"rows": n, "worker_ms_per_row": 1e3 * workers / n, "task_ms_per_row": 1e3 * tasks / n,
+            "outside_tasks_ms_per_row": 1e3 * (workers - tasks) / n}
+
+
 def mib(n: int | float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -416,5 +488,8 @@ if __name__ == "__main__":
             rest = rest[1:]
         sys.path.insert(0, REPO)
         sys.exit(_child_pseudo_label(sys.argv[2], rest))
+    if len(sys.argv) == 6 and sys.argv[1] == "ray-floor":
+        sys.path.insert(0, REPO)
+        sys.exit(_child_ray_floor(sys.argv[2], *map(int, sys.argv[3:])))
     print(__doc__)
     sys.exit(2)

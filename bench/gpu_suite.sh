@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash bench/gpu_suite.sh OUT_DIR            # the GPU machine: ~8 min on one H200 (source .devcarry/activate.sh first)
+# bash bench/gpu_suite.sh OUT_DIR            # the GPU machine: at most 9 min on one H200 (source .devcarry/activate.sh first)
 # bash bench/gpu_suite.sh --smoke OUT_DIR    # any machine: tiny sizes, checks that every step runs (~5 min on 2 CPUs)
 #
 # The GPU presets of both benchmarks at sizes that fit one 10-minute call on one H200, every
@@ -7,9 +7,11 @@
 # "call_ratio"), NAME.log (the full output), and summary.txt (each step's last lines: the
 # ratios). A step that fails or runs past its time limit is reported and the next one runs.
 #
-#   teacher-w2v2   bench/teacher_throughput.py --preset wav2vec2-large   (~40 s of pipeline; ~2.5 min)
-#   teacher-vit    bench/teacher_throughput.py --preset vit-b16          (100k JPEGs; ~2.5 min)
-#   student-speech bench/student_throughput.py --preset gpu-speech       (hard and soft, 4 shards; ~2.5 min)
+#   teacher-w2v2         bench/teacher_throughput.py --preset wav2vec2-large  (~40 s of pipeline; limit 170 s)
+#   teacher-vit          bench/teacher_throughput.py --preset vit-b16         (80k JPEGs; limit 150 s)
+#   student-speech       bench/student_throughput.py --preset gpu-speech      (hard and soft, 4 shards; limit 130 s)
+#   teacher-w2v2-compile the same teacher in process only, eager vs torch.compile (limit 90 s; last, as
+#                        its compilation time is the least known)
 #
 # On the device machine (no Ray there; see ../shared/device/make-carry.sh):
 #   source .devcarry/activate.sh && bash bench/gpu_suite.sh $OUT
@@ -44,14 +46,18 @@ if [ $smoke = 1 ]; then
   sizes_w2v=(--smoke)
   sizes_vit=(--smoke)
   sizes_student=(--smoke --only hard soft)
+  sizes_compile=(--smoke)
 else
   # 28,000 ten-second clips: ~41 s of pure forward at the 682 clips/s measured on an H200.
   sizes_w2v=(--shards 56 --forward-seconds 5)
-  # 100,000 JPEGs: ~50 s at the ~2,000 img/s a CPU-decoded pipeline reached (11 s of pure forward).
-  sizes_vit=(--shards 100 --forward-seconds 5)
+  # 80,000 JPEGs: ~40 s at the ~2,000 img/s a CPU-decoded pipeline reached (9 s of pure forward).
+  sizes_vit=(--shards 80 --forward-seconds 5)
   sizes_student=(--shards 4 --only hard soft --step-seconds 5)
+  sizes_compile=(--shards 2 --forward-seconds 4 --warmup 2)
 fi
-step teacher-w2v2 200 "$py" bench/teacher_throughput.py --preset wav2vec2-large "${sizes_w2v[@]}"
-step teacher-vit 190 "$py" bench/teacher_throughput.py --preset vit-b16 "${sizes_vit[@]}"
-step student-speech 160 "$py" bench/student_throughput.py --preset gpu-speech "${sizes_student[@]}"
+step teacher-w2v2 170 "$py" bench/teacher_throughput.py --preset wav2vec2-large "${sizes_w2v[@]}"
+step teacher-vit 150 "$py" bench/teacher_throughput.py --preset vit-b16 "${sizes_vit[@]}"
+step student-speech 130 "$py" bench/student_throughput.py --preset gpu-speech "${sizes_student[@]}"
+step teacher-w2v2-compile 90 "$py" bench/teacher_throughput.py --preset wav2vec2-large --skip-pipeline --compile \
+  "${sizes_compile[@]}"
 echo "results in $out" | tee -a "$summary"

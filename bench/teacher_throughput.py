@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="the job's --compile: the pure forward, the actor's call and the pipeline use the "
                         "torch.compile'd teacher; the eager forward is timed beside it (compile_speedup=)")
+    p.add_argument("--ray-floor", action="store_true",
+                   help="also run a no-op decode stage of the same shape (shards, rows, payload bytes) under the "
+                        "same Ray settings, to tell Ray's own cost of a decode worker from kdpipe's "
+                        "(decode_overhead_beyond_ray=)")
     p.add_argument("--skip-pipeline", action="store_true",
                    help="only the in-process measurements (decode, pure forward, actor call): no pipeline run")
     p.add_argument("--actors", type=int, default=None, help="teacher actors in the pipeline (default: the job's)")
@@ -206,8 +210,7 @@ class InProcess:
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.level = self.num_classes = self.k = None
         self.batches: list = []
-        self.rows = 0
-        self.audio_s = 0.0
+        self.batch_audio_s: list[float] = []
 
     def decode(self, min_seconds: float = 2.0) -> dict:
         """What a decode task does for one shard (tar read, decode, bucket sort, Arrow), in this
@@ -231,15 +234,15 @@ class InProcess:
         table = pa.concat_tables(tables)
         table = table.filter(pa.array(table.column("kind").to_numpy() == SAMPLE))
         n = table.num_rows
+        self.payload_bytes_per_row = table.column("payload").nbytes / max(n, 1)
         sr = self.prep.get("sample_rate", 16000)
         secs = float(np.sum(table.column("length").to_numpy())) / sr if self.cfg["modality"] == "audio" else 0.0
         # Batches as the actors see them: consecutive rows of the length-sorted bucket.
         B = self.cfg["batch_size"]
         batches = [table.slice(i, B) for i in range(0, n, B)]
         self.batches = [b for b in batches if b.num_rows == B] or batches[:1]
-        self.rows = sum(b.num_rows for b in self.batches)
-        self.audio_s = (sum(float(np.sum(b.column("length").to_numpy())) for b in self.batches) / sr
-                        if self.cfg["modality"] == "audio" else 0.0)
+        self.batch_audio_s = [float(np.sum(b.column("length").to_numpy())) / sr if self.cfg["modality"] == "audio"
+                              else 0.0 for b in self.batches]
         return {"samples": n * passes, "seconds": wall, "cpu_s": cpu, "samples_per_s": n * passes / wall,
                 "audio_s_per_s": secs * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / (n * passes)}
 
@@ -290,16 +293,22 @@ class InProcess:
             eager.predict(*on_dev[i % len(on_dev)])
         list(pool.map(pred, [self.batches[i % len(self.batches)] for i in range(max(self.cfg["warmup"], self.concurrency))]))
 
+        # Every round runs the same stream of batches, long enough that filling and draining the
+        # actor's pipeline of concurrent calls (at a round's start and end: a stream in Ray has
+        # neither) costs a few percent at most.
+        order = [i % len(self.batches) for i in range(max(len(self.batches), 16 * self.concurrency))]
+        stream = [self.batches[i] for i in order]
+
         def pure():
-            for x, lengths in on_dev:
-                runner.predict(x, lengths)
+            for i in order:
+                runner.predict(*on_dev[i])
 
         def pure_eager():
-            for x, lengths in on_dev:
-                eager.predict(x, lengths)
+            for i in order:
+                eager.predict(*on_dev[i])
 
         def call():
-            list(pool.map(pred, self.batches))
+            list(pool.map(pred, stream))
 
         fns = [("pure", pure), ("call", call)] + ([("eager", pure_eager)] if self.compile else [])
         acc = {name: [0.0, 0.0, 0] for name, _ in fns}  # wall, cpu, passes
@@ -315,12 +324,14 @@ class InProcess:
                 a[1] += time.process_time() - c
                 a[2] += 1
             rnd += 1
+        rows = sum(b.num_rows for b in stream)
+        audio_s = sum(self.batch_audio_s[i] for i in order)
         out = []
         for name in acc:
             wall, cpu, passes = acc[name]
-            n = self.rows * passes
+            n = rows * passes
             out.append({"samples": n, "seconds": wall, "cpu_s": cpu, "samples_per_s": n / wall,
-                        "audio_s_per_s": self.audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
+                        "audio_s_per_s": audio_s * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
                         "loadavg": os.getloadavg()[0], "model_build_s": build})
         pool.shutdown()
         on_dev = runner = eager = pred = None  # frees the teacher (and its device memory) before the pipeline run
@@ -340,12 +351,14 @@ class InProcess:
 
 def model_flops(runner, batch) -> float:
     """FLOPs of one forward of ``batch`` (x, lengths) on the device: matmuls and convolutions,
-    counted by torch's FlopCounterMode (2 per multiply-add)."""
+    counted by torch's FlopCounterMode (2 per multiply-add). Under no_grad, not inference_mode:
+    the counter cannot see through weight-norm parametrizations (wav2vec 2.0's) in the latter."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        runner.predict(*batch)
+    with torch.no_grad(), counter:
+        runner.forward(*batch)
     return float(counter.get_total_flops())
 
 
@@ -480,6 +493,10 @@ def main(argv=None) -> int:
                 m["pure_after"], m["call_after"] = ip.pure_and_call(work)
                 print(f"[bench] pure forward again: {m['pure_after']['samples_per_s']:,.1f} samples/s; actor call "
                       f"{m['call_after']['samples_per_s']:,.1f}", flush=True)
+            if args.ray_floor and pipe is not None:
+                from benchlib import ray_floor
+
+                m["ray_floor"] = ray_floor(work, cfg["shards"], cfg["per_shard"], int(ip.payload_bytes_per_row))
             calls = [m[t] for t in ("call_before", "call_after") if t in m]
             m["actor_call"] = {k: sum(c[k] for c in calls) / len(calls)
                                for k in ("samples_per_s", "audio_s_per_s", "cpu_ms_per_sample")}
@@ -498,6 +515,8 @@ def main(argv=None) -> int:
         else:
             if results.get("decode_overhead") is not None:
                 print(f"decode_overhead={results['decode_overhead']:.2f}")
+            if results.get("decode_overhead_beyond_ray") is not None:
+                print(f"decode_overhead_beyond_ray={results['decode_overhead_beyond_ray']:.2f}")
             if results.get("mfu") is not None:
                 print(f"mfu={results['mfu']:.3f}")
             if results.get("compile_speedup") is not None:
@@ -606,6 +625,13 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
         print(f"  decode worker processes: {1e3 * decode_role / n:.3f} ms CPU per sample in the pipeline"
               + (f" (their tasks alone {1e3 * dec_cpu / n:.3f})" if dec_cpu else "")
               + f", in-process decode {m['decode']['cpu_ms_per_sample']:.3f}: decode_overhead {decode_overhead:.2f}")
+    beyond_ray = None
+    if decode_overhead is not None and m.get("ray_floor"):
+        f = m["ray_floor"]
+        beyond_ray = (1e3 * decode_role / n - f["outside_tasks_ms_per_row"]) / m["decode"]["cpu_ms_per_sample"]
+        print(f"  Ray's own cost of a decode stage of this shape (no-op tasks, same shards, rows and payload bytes): "
+              f"{f['worker_ms_per_row']:.3f} ms per sample in its worker processes, {f['outside_tasks_ms_per_row']:.3f} "
+              f"outside its tasks; without that: decode_overhead_beyond_ray {beyond_ray:.2f}")
     if window:
         pure_cpu = sum(p["cpu_ms_per_sample"] for p in befores) / len(befores)
         tree_cpu = 1e3 * sum(window.values()) / n
@@ -640,7 +666,8 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
                      "other_cpu_in_window": other, "timeline": tl, "wall": pipe.wall,
                      "peak_driver_rss": pipe.tree.peak_driver_rss, "peak_worker_rss": pipe.tree.peak_worker_rss},
         "teacher_task_cpu_s": task_cpu, "decode_task_cpu_s": dec_cpu, "ratio": pipe_sps / pure,
-        "ratio_steady": (steady / pure) if steady else None, "decode_overhead": decode_overhead})
+        "ratio_steady": (steady / pure) if steady else None, "decode_overhead": decode_overhead,
+        "decode_overhead_beyond_ray": beyond_ray})
     return out
 
 
