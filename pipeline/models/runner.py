@@ -17,10 +17,11 @@ from pipeline.modalities.frontends import make_frontend
 from pipeline.modalities.staging import payload_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Fixed audio lengths (seconds) of a compiled runner's inputs: each a step of at most 25 % over
-# the one before, so padding wastes at most a fifth of the work and a run over clips of up to
-# 30 s compiles at most 17 graphs (longer inputs: multiples of 10 s).
-LENGTH_BUCKETS_S = (0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
+# Fixed audio lengths (seconds) of a compiled runner's inputs: from 1 s on, each at most 25 %
+# longer than the one before, so padding wastes at most a fifth of the work and a run over
+# clips of up to 30 s compiles at most 21 graphs (longer inputs: multiples of 10 s).
+LENGTH_BUCKETS_S = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 18.0,
+                    20.0, 25.0, 30.0)
 
 
 def bucket_length(n: int, sample_rate: int) -> int:
@@ -72,18 +73,19 @@ class ModelRunner:
         self.pin = self.device.type == "cuda"
         self.static_rows: int | None = None  # set by compile(): predict's fixed batch size
 
-    def compile(self, batch_size: int) -> None:
+    def compile(self, batch_size: int, backend: str = "inductor") -> None:
         """``torch.compile`` every model for fixed input shapes: from now on ``predict`` pads a
         batch to ``batch_size`` rows (padding rows are dropped from the outputs) and audio to a
         length bucket (``bucket_length``), so each shape compiles once and is then reused.
 
         Frame-level outputs keep their valid frames (lengths are unchanged); a model whose
-        outputs depend on padding (wav2vec 2.0's group-norm extractor) sees more of it."""
+        outputs depend on padding (wav2vec 2.0's group-norm extractor) sees more of it.
+        backend: torch.compile's ("eager" traces without generating code: quick, for checks)."""
         import torch._dynamo
 
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, len(LENGTH_BUCKETS_S) + 8)
-        self.models = [torch.compile(m, dynamic=False) for m in self.models]
+        self.models = [torch.compile(m, dynamic=False, backend=backend) for m in self.models]
         self.static_rows = batch_size
 
     def _static(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,19 +13,21 @@ enable_true_multi_threading=True)``), and each call goes through:
 
     1. host    the payload column into its slot's reused pinned staging buffer
     2. copy    host -> device on the slot's own CUDA stream (``non_blocking``)
-    3. device  under one lock: wait for that copy, enqueue the forward on the compute stream;
-               then top-k and the finiteness check behind it, their results copied back into
-               the slot's pinned output buffers without blocking; an event recorded
+    3. device  under one lock: wait for that copy, enqueue the forward, top-k and the
+               finiteness check on the compute stream, and the copies of their results into
+               the slot's pinned output buffers (``non_blocking``); record an event
     4. host    wait for the event (the GIL is released), build Arrow, write the part files
     5. return  the PART records of exactly this call's rows
 
 so while the device runs batch n, other calls stage batch n+1 and write batch n-1. The lock
-only orders the forwards *enqueued* on the device (and keeps one forward's activations in
-memory at a time); on a CPU device it serialises the forwards themselves. A call returns its records
-only after its parts are written, so accounting is per call, as without concurrency: a killed
-actor's calls in flight return nothing, Ray Data resubmits their batches, and the parts they
-left are named by no record (docs/architecture.md).
+only orders what is *enqueued* on the device (and keeps one forward's activations in memory
+at a time). On a CPU device it serialises the forwards themselves, and top-k, host work
+there, runs after it, beside the next forward. A call returns its records only after its
+parts are written, so accounting is per call, as without concurrency: a killed actor's calls
+in flight return nothing, Ray Data resubmits their batches, and the parts they left are named
+by no record (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import io
@@ -176,18 +178,11 @@ class TeacherPredictor:
                     if t is not None:
                         t.record_stream(compute)
             out = runner.predict(x, lengths)
-        # Outside the lock: on CUDA these queue behind the forward on the same stream anyway; on
-        # a CPU device they run while the next call's forward does.
-        with torch.inference_mode():
-            topk, finite = _topk_and_finite(out, f.k, f.level)
-            host = {c: slot.host(c, getattr(topk, c)) for c in TopK.__dataclass_fields__}
-            host["finite"] = slot.host("finite", finite)
-            if out.frames is not None:
-                host["frames"] = slot.host("frames", out.frames)
-            done = None
-            if slot.cuda:
-                done = torch.cuda.Event()
-                done.record(compute)
+            if slot.cuda:  # queued right behind this forward, before the next one's: its results come sooner
+                host, done = self._results(out, slot)
+        if not slot.cuda:  # on a CPU device this is host work: outside the lock, beside the next forward
+            with torch.inference_mode():
+                host, done = self._results(out, slot)
         if done is not None:  # 4. host: the GIL is released while the device finishes
             done.synchronize()
         finite = host["finite"].numpy()
@@ -215,6 +210,21 @@ class TeacherPredictor:
                                       pa.array(["teacher output has NaN or inf"] * n),
                                       samples.column("shard").take(pa.array(bad))))
         return pa.concat_tables(parts)
+
+    def _results(self, out, slot: _Slot) -> tuple[dict[str, torch.Tensor], "torch.cuda.Event | None"]:
+        """Top-k, the finiteness check and frames of a forward's outputs, copied into the slot's
+        pinned buffers without blocking: {name: host tensor} and the event after which they
+        are there (None on a CPU device: they are there already)."""
+        topk, finite = _topk_and_finite(out, self.facts.k, self.facts.level)
+        host = {c: slot.host(c, getattr(topk, c)) for c in TopK.__dataclass_fields__}
+        host["finite"] = slot.host("finite", finite)
+        if out.frames is not None:
+            host["frames"] = slot.host("frames", out.frames)
+        if not slot.cuda:
+            return host, None
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.runner.device))
+        return host, done
 
     def _write_parts(self, rows: pa.Table) -> list[dict]:
         """One part file per shard in the batch (atomic, not fsync'ed: the shard file the

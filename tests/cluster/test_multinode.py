@@ -48,7 +48,7 @@ from tests.helpers import audio_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-TEACHER = "pipeline.models.zoo:audio_cnn?width=8"
+SLOW_TEACHER = "tests.teacher_models:slow_audio_cnn?delay=1.5&width=8"  # audio_cnn, 1.5 s a batch
 STUDENT = "pipeline.models.zoo:audio_cnn?width=4&depth=2"
 NODE_CPUS = 3
 SHARDS, PER_SHARD = 4, 4
@@ -252,11 +252,13 @@ def test_jobs_on_a_multinode_cluster_with_s3(cluster, s3_bucket, tmp_path):
         fs.put_file(str(p), f"{s3_bucket}/corpus/{p.name}")
     base = f"s3://{s3_bucket}"
 
-    # 1) pseudo-labelling: s3 in, s3 out; two teacher actors that cannot share a node
+    # 1) pseudo-labelling: s3 in, s3 out; two teacher actors that cannot share a node. The job
+    # does not wait for its whole actor pool, so the teacher takes a second a batch: one actor
+    # alone would need ~12 s for the run, time for the second to start on the other node.
     info, logs = c.submit("pl", [
         "python", "jobs/pseudo_label.py", "--input", f"{base}/corpus/shard-{{0000..0003}}.tar",
-        "--output", f"{base}/st", "--teacher", TEACHER, "--top-k", "5", "--batch-size", "4",
-        "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"])
+        "--output", f"{base}/st", "--teacher", SLOW_TEACHER, "--trust-module", "tests.teacher_models",
+        "--top-k", "5", "--batch-size", "2", "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"])
     s = _summary(logs)
     assert s["shards_done"] == SHARDS and s["samples"] == SHARDS * PER_SHARD and s["errors"] == 0
     run = SoftTargetRun(f"{base}/st")

@@ -239,3 +239,14 @@ def test_concurrent_calls_record_exactly_their_own_rows(tmp_path):
 
 def pc_count(part: pa.Table, kind: int) -> int:
     return int((part.column("kind").to_numpy() == kind).sum())
+
+
+def test_small_shards_are_decoded_a_few_per_task():
+    from pipeline.teacher.job import DECODE_TASK_BYTES, shards_per_decode_task
+
+    assert shards_per_decode_task([150_000] * 1000, 2) == 62  # 1,000 thumbnail shards, 2 CPUs: 17 tasks
+    assert shards_per_decode_task([150_000] * 1000, 16) == 7  # at least 8 tasks per CPU
+    assert shards_per_decode_task([4_000_000] * 24, 2) == 1  # few shards: one each
+    assert shards_per_decode_task([300 << 20] * 10_000, 2) == 1  # large shards are never grouped
+    assert shards_per_decode_task([100 << 20] * 10_000, 2) == DECODE_TASK_BYTES // (100 << 20)  # bytes cap
+    assert shards_per_decode_task([], 8) == 1 and shards_per_decode_task([0] * 50, 0) == 6  # sizes unknown, no CPUs yet

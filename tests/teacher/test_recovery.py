@@ -125,40 +125,48 @@ def test_killed_driver_with_parts_written_recomputes_exactly_the_uncommitted(tmp
 
 
 def test_killed_actor_mid_write_is_restarted_and_result_unchanged(tmp_path, ray_local, capsys):
-    """The teacher actor runs several calls at once (--actor-concurrency 3); it is killed at a
-    moment when one of them is writing a part file (the process is frozen while the
-    unfinished file is seen, then killed). Ray Data restarts it and resubmits the calls that
-    were in flight; the run ends with every key once and the same bytes as a clean run."""
+    """The teacher actor runs several calls at once (--actor-concurrency 3) and is killed while
+    one of them is writing a part: strace makes every rename the actor does (the last step of
+    an atomic part write) wait 0.4 s, and the actor is killed the moment an unfinished part is
+    seen. Ray Data restarts it and resubmits the calls that were in flight; the run ends with
+    every key once and the same bytes as a clean run."""
+    import shutil
+
     import psutil
 
+    if not shutil.which("strace"):
+        pytest.skip("needs strace (Debian package strace) to hold a part write open")
     audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=22)
     argv = ["--input", str(tmp_path / "in"), "--teacher", SLOW, "--batch-size", "2", "--progress-interval", "5",
             "--actor-concurrency", "3"]
     killed = []
 
-    def actor_pid():
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            # Ray titles actor processes "ray::MapWorker(MapBatches(TeacherPredictor))..."
-            if "TeacherPredictor" in " ".join(p.info["cmdline"] or []):
-                return p.info["pid"]
-        return None
+    def actors() -> set[int]:
+        # Ray titles actor processes "ray::MapWorker(MapBatches(TeacherPredictor))..."
+        return {p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+                if "TeacherPredictor" in " ".join(p.info["cmdline"] or [])}
+
+    earlier = actors()  # a killed run may have left some behind: not this run's
 
     def killer():
         parts = tmp_path / "killed" / "_parts"
         deadline = time.time() + 240
-        pid = None
-        while time.time() < deadline and not killed:
-            pid = pid or actor_pid()
-            for d in (os.scandir(parts) if pid and parts.exists() else ()):
-                for f in os.scandir(d.path):
-                    if f.name.startswith(".tmp-"):  # a part being written
-                        os.kill(pid, signal.SIGSTOP)
-                        if os.path.exists(f.path):  # still unfinished with the process frozen: kill it now
-                            os.kill(pid, signal.SIGKILL)
-                            killed.append(f.path)
-                            return
-                        os.kill(pid, signal.SIGCONT)
-            time.sleep(0.0002)  # lets the driver, in this process, have the GIL
+        while time.time() < deadline and not (actors() - earlier):
+            time.sleep(0.05)
+        (pid,) = actors() - earlier
+        renames = "rename,renameat,renameat2"
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={renames}",
+                                   "-e", f"inject={renames}:delay_enter=400000", "-p", str(pid)])
+        try:
+            while time.time() < deadline:
+                unfinished = list(parts.glob("*/.tmp-*")) if parts.exists() else []
+                if unfinished:  # written, not yet renamed: its record cannot have left the actor
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(unfinished[0])
+                    return
+                time.sleep(0.01)
+        finally:
+            tracer.wait(timeout=30)
 
     t = threading.Thread(target=killer)
     t.start()
