@@ -3,9 +3,12 @@
 
     python bench/teacher_throughput.py --preset cpu-small                   # CPU, ~2 min
     python bench/teacher_throughput.py --preset cpu-small --memory-check    # + 10x-shards memory check
+    python bench/teacher_throughput.py --preset cpu-small --ray-floor       # + Ray's own cost of a decode stage
+    python bench/teacher_throughput.py --preset standin                     # CPU: the GPU stand-in, ~1.5 min
     python bench/teacher_throughput.py --preset vit-b16                     # GPU machine
-    python bench/teacher_throughput.py --preset wav2vec2-large              # GPU machine
+    python bench/teacher_throughput.py --preset wav2vec2-large [--compile]  # GPU machine
     python bench/teacher_throughput.py --preset vit-b16 --smoke             # tiny sizes: checks it runs (CPU ok)
+    bash bench/gpu_suite.sh OUT                                             # every GPU preset in < 9 min
 
 One run measures, on the same machine, model and batch size:
   1. decode: pipeline.teacher.decode.DecodeShards over one shard in this process (one core);
@@ -13,12 +16,19 @@ One run measures, on the same machine, model and batch size:
      device (the same frontend + autocast code the actors run), after warm-up, synchronised
      on CUDA; torch threads = the actor's CPUs on CPU (Ray gives an actor OMP_NUM_THREADS =
      its num_cpus), so both sides get the same compute;
-  3. actor call: TeacherPredictor.__call__ on the same batches as Arrow tables (host->device
-     copy, forward, top-k, part file written): what one actor adds around the forward;
+  3. actor call: TeacherPredictor.__call__ on a stream of the same batches as Arrow tables
+     (host->device copy, forward, top-k, part file written), ``--actor-concurrency`` calls at
+     once on threads as Ray Data makes them: what one actor adds around the forward
+     (``call_ratio=``); model FLOPs per sample and the device's measured matmul rate give the
+     pure forward's model-FLOPs utilisation (``mfu=``); with --compile, the compiled forward
+     is the reference and the eager one is timed beside it (``compile_speedup=``);
   4. pipeline: pipeline.teacher.job.run (decode tasks -> teacher actors -> compaction) in a
      child process with a fresh local Ray, over a generated WebDataset corpus. Throughput is
      samples / the summary's ``seconds``, which counts from the moment the dataset starts
      executing (actor start-up and model load included; Ray start-up excluded and shown apart).
+``decode_overhead=`` is the decode worker processes' CPU per sample in the pipeline over the
+in-process decode's (and with --ray-floor, ``decode_overhead_beyond_ray=`` the same less what
+Ray's worker processes spend outside their tasks for a no-op stage of the same shape).
 The line before the last is ``steady_ratio=S``: all samples over the span of the teacher
 actor's calls (Ray's task events), i.e. the pipeline once the teacher is warm, / pure forward.
 The last line is ``ratio=R`` = pipeline (summary seconds) / pure forward (samples/s).
