@@ -471,7 +471,10 @@ def main(argv=None) -> int:
         cfg["device"] = device  # both sides on the same device
         results["gpu"] = torch.cuda.get_device_name() if device == "cuda" else None
         # as the job chooses (pipeline.teacher.job.actor_concurrency), unless given
-        cfg["actor_concurrency"] = args.actor_concurrency or cfg.get("actor_concurrency") or (3 if device == "cuda" else 1)
+        from pipeline.teacher.job import default_actor_concurrency
+
+        cfg["actor_concurrency"] = (args.actor_concurrency or cfg.get("actor_concurrency")
+                                    or default_actor_concurrency(device == "cuda"))
         if args.threads:
             threads = args.threads
         elif device == "cpu":

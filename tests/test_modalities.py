@@ -105,3 +105,27 @@ def test_image_frontend_normalises():
     fe = make_frontend(ImagePreprocessing(resize=4, crop=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0)))
     y, _ = fe(x)
     assert y.shape == (1, 3, 4, 4) and y[0, :, 0, 0].tolist() == [2.0, 1.0, 0.5]
+
+
+def test_payload_into_a_reused_staging_buffer():
+    """Batches of any chunking land padded in one buffer that is reallocated only to grow."""
+    import pyarrow as pa
+
+    from pipeline.modalities.payload import payload_array
+    from pipeline.modalities.staging import StagingBuffer, payload_batch
+
+    prep = AudioPreprocessing()
+    waves = [np.arange(n, dtype=np.float32) + 1 for n in (3, 5, 2, 7)]
+    col = payload_array(waves, prep)
+    buf = StagingBuffer()
+    batches = [(pa.chunked_array([col.slice(0, 1), col.slice(1, 2)]), waves[:3]), (col.slice(1, 2), waves[1:3]),
+               (col, waves), (col.slice(2, 2), waves[2:])]
+    for batch, rows in batches:
+        x, lengths = payload_batch(batch, prep, multiple=4, staging=buf)
+        assert x.shape == (len(rows), -(-max(len(w) for w in rows) // 4) * 4)
+        assert lengths.tolist() == [len(w) for w in rows]
+        for r, w in zip(x.numpy(), rows):
+            assert np.array_equal(r[: len(w)], w) and not r[len(w):].any()  # padding zeroed, even in a reused buffer
+    assert buf.allocations == 2  # the first batch, then once when a batch needed more room
+    x, lengths = payload_batch(col.slice(0, 0), prep, staging=buf)
+    assert x.shape == (0, 0) and lengths.tolist() == []

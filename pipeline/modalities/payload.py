@@ -79,10 +79,10 @@ def payload_shape(col, prep, multiple: int = 1) -> tuple[tuple[int, ...], np.dty
     """The host batch a payload column becomes: audio ((B, N), float32) with N the longest clip
     rounded up to a multiple of ``multiple`` samples; image ((B, H, W, 3), uint8)."""
     if isinstance(prep, AudioPreprocessing):
-        offsets = _combined(col).offsets.to_numpy()
-        n = len(offsets) - 1
-        longest = int(np.diff(offsets).max()) if n else 0
-        return (n, -(-longest // multiple) * multiple), np.dtype(np.float32)
+        # per chunk, without combining them: fill_payload does that once
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        longest = max((int(np.diff(c.offsets.to_numpy()).max()) for c in chunks if len(c)), default=0)
+        return (len(col), -(-longest // multiple) * multiple), np.dtype(np.float32)
     return (len(col), prep.crop, prep.crop, 3), np.dtype(np.uint8)
 
 

@@ -83,6 +83,12 @@ class ModelRunner:
         backend: torch.compile's ("eager" traces without generating code: quick, for checks)."""
         import torch._dynamo
 
+        if getattr(self.prep, "features", None) == "fbank":
+            # Kaldi fbank is computed row by row and padded to the longest *valid* row, so the
+            # model's input shape would change with every batch, bucket or not.
+            raise ValueError("compile: fbank features have no fixed shape (use logmel or none)")
+        # Process-wide, but only raised: one graph per length bucket must not hit dynamo's default
+        # limit (8) and fall back to eager in silence. (This process runs one teacher.)
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, len(LENGTH_BUCKETS_S) + 8)
         self.models = [torch.compile(m, dynamic=False, backend=backend) for m in self.models]

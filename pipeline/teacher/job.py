@@ -108,6 +108,9 @@ def run(argv=None, tracker_cls: type[ShardTracker] = ShardTracker) -> int:
             except ValueError as e:
                 raise ConfigError(f"--input: {e}") from None
         plan = plan_teacher(args, refs[0].uri)
+        if ex.compile and getattr(plan.preprocessing, "features", None) == "fbank":
+            raise ConfigError("--compile: fbank features have no fixed shape (Kaldi fbank is padded to the longest "
+                              "row of each batch); use --features logmel or none, or leave --compile out")
         writer = RunWriter(args.output, plan.manifest(ex.encoding, ex.parquet_options))
     except early as e:
         parser.error(str(e))
@@ -185,6 +188,7 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
 
 DECODE_TASKS_PER_CPU = 8  # at least this many decode tasks per CPU of the cluster: load balance
 DECODE_TASK_BYTES = 256 * 2**20  # at most this much input per decode task (a retry redoes it all)
+DECODE_TASK_SHARDS = 32  # and at most this many shards: CPUs counted now may be fewer than later
 
 
 def shards_per_decode_task(sizes: list[int], cpus: float) -> int:
@@ -193,20 +197,26 @@ def shards_per_decode_task(sizes: list[int], cpus: float) -> int:
     One, unless the run has many small shards: Ray spends ~25-30 ms of a worker's CPU on every
     task (scheduling, the streaming generator, putting blocks, stats), which is more than
     decoding a shard of a thousand thumbnails costs. Shards are then grouped, keeping at least
-    DECODE_TASKS_PER_CPU tasks per CPU and at most DECODE_TASK_BYTES of input per task.
+    DECODE_TASKS_PER_CPU tasks per CPU and at most DECODE_TASK_BYTES of input and
+    DECODE_TASK_SHARDS shards per task (an autoscaling cluster has more CPUs later than now).
     sizes: input shard sizes in bytes (0 where unknown)."""
     if not sizes:
         return 1
     mean = max(sum(sizes) / len(sizes), 1.0)
     by_count = len(sizes) // max(1, int(DECODE_TASKS_PER_CPU * max(cpus, 1)))
-    return max(1, min(by_count, int(DECODE_TASK_BYTES // mean)))
+    return max(1, min(by_count, int(DECODE_TASK_BYTES // mean), DECODE_TASK_SHARDS))
+
+
+def default_actor_concurrency(use_gpu: bool) -> int:
+    """Calls one teacher actor runs at once without --actor-concurrency: 3 on a GPU (one batch
+    on the device, one staged, one written), 1 on a CPU, where the forward is host work and
+    more calls would only contend for the actor's CPUs."""
+    return 3 if use_gpu else 1
 
 
 def actor_concurrency(ex: ExecPlan, use_gpu: bool) -> int:
-    """Calls one teacher actor runs at once: --actor-concurrency, else 3 on a GPU (one batch on
-    the device, one staged, one written) and 1 on a CPU, where the forward is host work and
-    more calls would only contend for the actor's CPUs."""
-    return ex.actor_concurrency or (3 if use_gpu else 1)
+    """--actor-concurrency, else ``default_actor_concurrency``."""
+    return ex.actor_concurrency or default_actor_concurrency(use_gpu)
 
 
 def ray_compactor(run_uri: str, facts):

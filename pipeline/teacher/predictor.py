@@ -69,20 +69,16 @@ def _topk_and_finite(out, k: int, level: str) -> tuple[TopK, torch.Tensor]:
     A row is finite when every logit of every model is, over its valid frames at frame level
     (padding frames may hold anything)."""
     outs = out.logits
-    if len(outs) > 1:
-        topk = topk_from_logprobs(ensemble_logprobs(outs), k)
-        logits = torch.stack(outs)  # (M, B, ...) only for the finiteness check
-    else:
-        topk = topk_from_logits(outs[0], k)
-        logits = outs[0]
-    if level == "frame":
-        t = torch.arange(logits.shape[-2], device=logits.device)
-        valid = (t.unsqueeze(0) < out.frames.unsqueeze(1)).unsqueeze(-1)  # (B, T', 1)
-        finite = (torch.isfinite(logits) | ~valid).flatten(-2).all(-1)
-    else:
-        finite = torch.isfinite(logits).all(-1)
-    if finite.dim() > 1:  # ensemble: every member must be finite
-        finite = finite.all(0)
+    topk = topk_from_logprobs(ensemble_logprobs(outs), k) if len(outs) > 1 else topk_from_logits(outs[0], k)
+    finite = None
+    for logits in outs:  # every member must be finite (one at a time: no (M, B, ...) stack)
+        if level == "frame":
+            t = torch.arange(logits.shape[-2], device=logits.device)
+            valid = (t.unsqueeze(0) < out.frames.unsqueeze(1)).unsqueeze(-1)  # (B, T', 1)
+            ok = (torch.isfinite(logits) | ~valid).flatten(-2).all(-1)
+        else:
+            ok = torch.isfinite(logits).all(-1)
+        finite = ok if finite is None else finite & ok
     return topk, finite
 
 
@@ -99,18 +95,21 @@ class _Slot:
     def __init__(self, device: torch.device):
         cuda = device.type == "cuda"
         self.input = StagingBuffer(pin=cuda)
-        self.outputs: dict[str, StagingBuffer] = {}
+        self.buffers: dict[str, StagingBuffer] = {}  # pinned, by name: lengths in, results out
         self.cuda = cuda
         self.stream = torch.cuda.Stream(device) if cuda else None
 
+    def pinned(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (host or device) copied into this slot's pinned buffer ``name``: synchronously
+        from the host, without blocking from the device (valid once the caller's event has
+        completed)."""
+        if name not in self.buffers:
+            self.buffers[name] = StagingBuffer(pin=True)
+        return self.buffers[name].view(tuple(t.shape), t.dtype).copy_(t, non_blocking=t.is_cuda)
+
     def host(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """A device tensor's copy in this slot's pinned buffer ``name``, started without
-        blocking (valid once the caller's event has completed); on CPU the tensor itself."""
-        if not self.cuda:
-            return t
-        if name not in self.outputs:
-            self.outputs[name] = StagingBuffer(pin=True)
-        return self.outputs[name].view(tuple(t.shape), t.dtype).copy_(t, non_blocking=True)
+        """A device output's copy on the host (``pinned``); on a CPU device the tensor itself."""
+        return self.pinned(name, t) if self.cuda else t
 
 
 class TeacherPredictor:
@@ -167,6 +166,8 @@ class TeacherPredictor:
         runner = self.runner
         x, lengths = payload_batch(samples.column("payload"), runner.prep, staging=slot.input)  # 1. host
         if slot.cuda:  # 2. copy, on the slot's stream: overlaps the forward of another call
+            if lengths is not None:  # from pinned memory too: a pageable source would make the copy wait
+                lengths = slot.pinned("lengths", lengths)
             with torch.cuda.stream(slot.stream):
                 x = x.to(runner.device, non_blocking=True)
                 lengths = lengths.to(runner.device, non_blocking=True) if lengths is not None else None
@@ -180,6 +181,9 @@ class TeacherPredictor:
             out = runner.predict(x, lengths)
             if slot.cuda:  # queued right behind this forward, before the next one's: its results come sooner
                 host, done = self._results(out, slot)
+                # The device tensors are not needed once their copies are queued (the stream keeps
+                # them alive for those): the calls waiting below hold no device memory.
+                del out, x, lengths
         if not slot.cuda:  # on a CPU device this is host work: outside the lock, beside the next forward
             with torch.inference_mode():
                 host, done = self._results(out, slot)
@@ -222,7 +226,7 @@ class TeacherPredictor:
             host["frames"] = slot.host("frames", out.frames)
         if not slot.cuda:
             return host, None
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # its synchronize() sleeps; a default event spins a core
         done.record(torch.cuda.current_stream(self.runner.device))
         return host, done
 

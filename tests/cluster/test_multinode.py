@@ -253,12 +253,12 @@ def test_jobs_on_a_multinode_cluster_with_s3(cluster, s3_bucket, tmp_path):
     base = f"s3://{s3_bucket}"
 
     # 1) pseudo-labelling: s3 in, s3 out; two teacher actors that cannot share a node. The job
-    # does not wait for its whole actor pool, so the teacher takes a second a batch: one actor
-    # alone would need ~12 s for the run, time for the second to start on the other node.
+    # does not wait for its whole actor pool, so the teacher takes 1.5 s a batch of one clip:
+    # one actor alone would need ~24 s for the run, time for the second to start on the other node.
     info, logs = c.submit("pl", [
         "python", "jobs/pseudo_label.py", "--input", f"{base}/corpus/shard-{{0000..0003}}.tar",
         "--output", f"{base}/st", "--teacher", SLOW_TEACHER, "--trust-module", "tests.teacher_models",
-        "--top-k", "5", "--batch-size", "2", "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"])
+        "--top-k", "5", "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"])
     s = _summary(logs)
     assert s["shards_done"] == SHARDS and s["samples"] == SHARDS * PER_SHARD and s["errors"] == 0
     run = SoftTargetRun(f"{base}/st")

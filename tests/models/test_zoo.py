@@ -374,7 +374,8 @@ def test_gpu_standin_waits_like_a_gpu_with_the_gil_released():
 
     from pipeline.models.zoo import gpu_standin
 
-    model = gpu_standin(ms_per_batch=200.0, batch=4, seconds=1.0)  # 200 ms for (4, 16000)
+    # 200 ms for (4, 16000); no launches here: each one waits for the spinning thread's GIL
+    model = gpu_standin(ms_per_batch=200.0, batch=4, seconds=1.0, launches=0)
     x = torch.randn(4, 16000) * 0.1
     lengths = torch.tensor([16000, 12000, 641, 1])
     spins = []
@@ -400,4 +401,7 @@ def test_gpu_standin_waits_like_a_gpu_with_the_gil_released():
     assert model.output_lengths(lengths).tolist() == [50, 38, 3, 1]
     half = model(x[:2, :8000], lengths[:2].clamp(max=8000))  # a quarter of the input: a quarter of the time
     assert half.shape == (2, 25, 32)
+    t0 = time.perf_counter()
+    gpu_standin(ms_per_batch=200.0, batch=4, seconds=1.0, launches=700)(x, lengths)  # launches inside the 200 ms
+    assert 0.2 <= time.perf_counter() - t0 < 1.0
     assert torch.equal(gpu_standin()(x, lengths), gpu_standin()(x, lengths))  # the same model everywhere

@@ -65,7 +65,12 @@ def test_train_resume_evaluate_and_self_teach(cache, tmp_path, capsys):
     text = capsys.readouterr().out
     history = read_metrics(str(out))
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]  # each epoch once: the metrics continue
-    assert history[: len(first)] == first
+    # The epochs before the kill continue unchanged. A kill between the checkpoint's upload and
+    # the controller registering it replays that epoch (Ray Train restores what it registered):
+    # the same losses, rate and accuracy, only its timings differ.
+    timing = ("seconds", "samples_per_s", "data_wait_share")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in history[: len(first)]] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in first]
     # 24 pool samples, 8 labeled x 1 repeat (ratio 0.25 of 32) -> 32 rows / 2 workers / batch 4 = 4 steps
     assert [m["step"] for m in history] == [4, 8, 12, 16]
     assert all(m["eval_accuracy"] is not None and m["kd"] is not None for m in history)

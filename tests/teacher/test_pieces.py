@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.shards import RunWriter, SoftTargetRun
@@ -142,7 +143,11 @@ def test_fingerprint_uses_the_effective_k(tmp_path):
     assert fps[0] == fps[1]
 
 
-def test_concurrent_calls_record_exactly_their_own_rows(tmp_path):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_concurrent_calls_record_exactly_their_own_rows(tmp_path, device):
     """The predictor called from 4 threads at once, as Ray Data's actor concurrency calls it,
     with a teacher whose forward sleeps (the GIL released, as on a GPU), so one call's host work
     runs during another's forward: every call's records name exactly its own rows, each part
@@ -180,7 +185,7 @@ def test_concurrent_calls_record_exactly_their_own_rows(tmp_path):
         writer = RunWriter(out, plan.manifest("parquet"))
         facts = writer.manifest.facts()
         pred = TeacherPredictor(plan.specs, plan.trust, plan.preprocessing, facts, out, precision="fp32",
-                                device="cpu", concurrency=concurrency)
+                                device=device, concurrency=concurrency)
         spans = {"forward": [], "write": []}
         lock = threading.Lock()
 
@@ -242,11 +247,43 @@ def pc_count(part: pa.Table, kind: int) -> int:
 
 
 def test_small_shards_are_decoded_a_few_per_task():
-    from pipeline.teacher.job import DECODE_TASK_BYTES, shards_per_decode_task
+    from pipeline.teacher.job import DECODE_TASK_BYTES, DECODE_TASK_SHARDS, shards_per_decode_task
 
-    assert shards_per_decode_task([150_000] * 1000, 2) == 62  # 1,000 thumbnail shards, 2 CPUs: 17 tasks
+    assert shards_per_decode_task([150_000] * 1000, 2) == DECODE_TASK_SHARDS  # 1,000 thumbnail shards, 2 CPUs
+    assert shards_per_decode_task([150_000] * 300, 2) == 18  # at least 8 tasks per CPU
     assert shards_per_decode_task([150_000] * 1000, 16) == 7  # at least 8 tasks per CPU
     assert shards_per_decode_task([4_000_000] * 24, 2) == 1  # few shards: one each
     assert shards_per_decode_task([300 << 20] * 10_000, 2) == 1  # large shards are never grouped
     assert shards_per_decode_task([100 << 20] * 10_000, 2) == DECODE_TASK_BYTES // (100 << 20)  # bytes cap
     assert shards_per_decode_task([], 8) == 1 and shards_per_decode_task([0] * 50, 0) == 6  # sizes unknown, no CPUs yet
+
+
+def test_a_failed_call_gives_its_slot_back(shard, tmp_path):
+    """A call that raises (Ray Data then retries the batch) leaves the actor usable: with one
+    slot, the next call gets it and completes."""
+    uri, _ = shard
+    plan = _plan(tmp_path)
+    writer = RunWriter(str(tmp_path / "run"), plan.manifest("parquet"))
+    pred = TeacherPredictor(plan.specs, plan.trust, plan.preprocessing, writer.manifest.facts(), str(tmp_path / "run"),
+                            precision="fp32", device="cpu", concurrency=1)
+    batch = pa.concat_tables(list(DecodeShards(plan.preprocessing).shard("s", uri)))
+    real = pred.runner.predict
+    pred.runner.predict = lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        pred(batch)
+    pred.runner.predict = real
+    records = pred(batch).to_pylist()  # would wait forever for a slot that was not given back
+    assert sum(r["rows"] + r["errors"] for r in records if r["kind"] == PART) == 8
+    writer.abandon()
+
+
+def test_decode_workers_import_no_torch():
+    """What a decode task imports stays torch-free (torch costs each worker ~1.2 s and ~300 MB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.teacher.decode, pipeline.teacher.compact, pipeline.inputs; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio', 'torchvision')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[:500] + r.stderr[-2000:]
