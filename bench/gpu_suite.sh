@@ -7,10 +7,12 @@
 # "call_ratio"), NAME.log (the full output), and summary.txt (each step's last lines: the
 # ratios). A step that fails or runs past its time limit is reported and the next one runs.
 #
-#   teacher-w2v2         bench/teacher_throughput.py --preset wav2vec2-large  (~40 s of pipeline; limit 170 s)
-#   teacher-vit          bench/teacher_throughput.py --preset vit-b16         (80k JPEGs; limit 150 s)
-#   student-speech       bench/student_throughput.py --preset gpu-speech      (hard and soft, 4 shards; limit 130 s)
-#   teacher-w2v2-compile the same teacher in process only, eager vs torch.compile (limit 90 s; last, as
+#   cuda-correctness     the actor's concurrent calls on the GPU write the same bytes as serial ones
+#                        (tests/teacher/test_pieces.py, CUDA case; needs pytest; limit 40 s)
+#   teacher-w2v2         bench/teacher_throughput.py --preset wav2vec2-large  (~40 s of pipeline; limit 160 s)
+#   teacher-vit          bench/teacher_throughput.py --preset vit-b16         (80k JPEGs; limit 140 s)
+#   student-speech       bench/student_throughput.py --preset gpu-speech      (hard and soft, 4 shards; limit 120 s)
+#   teacher-w2v2-compile the same teacher in process only, eager vs torch.compile (limit 80 s; last, as
 #                        its compilation time is the least known)
 #
 # On the device machine (no Ray there; see ../shared/device/make-carry.sh):
@@ -55,9 +57,18 @@ else
   sizes_student=(--shards 4 --only hard soft --step-seconds 5)
   sizes_compile=(--shards 2 --forward-seconds 4 --warmup 2)
 fi
-step teacher-w2v2 170 "$py" bench/teacher_throughput.py --preset wav2vec2-large "${sizes_w2v[@]}"
-step teacher-vit 150 "$py" bench/teacher_throughput.py --preset vit-b16 "${sizes_vit[@]}"
-step student-speech 130 "$py" bench/student_throughput.py --preset gpu-speech "${sizes_student[@]}"
-step teacher-w2v2-compile 90 "$py" bench/teacher_throughput.py --preset wav2vec2-large --skip-pipeline --compile \
+if "$py" -c "import pytest" 2>/dev/null; then
+  t0=$SECONDS
+  echo "== cuda-correctness (limit 40 s)" | tee -a "$summary"
+  timeout --kill-after=10 40 "$py" -m pytest -q -p no:cacheprovider tests/teacher/test_pieces.py -k "concurrent and cuda" \
+    -rs > "$out/cuda-correctness.log" 2>&1
+  echo "  rc=$?, $(tail -1 "$out/cuda-correctness.log"), $((SECONDS - t0)) s" | tee -a "$summary"
+else
+  echo "== cuda-correctness: skipped (no pytest here; EXTRA_PKGS=pytest for make-carry.sh)" | tee -a "$summary"
+fi
+step teacher-w2v2 160 "$py" bench/teacher_throughput.py --preset wav2vec2-large "${sizes_w2v[@]}"
+step teacher-vit 140 "$py" bench/teacher_throughput.py --preset vit-b16 "${sizes_vit[@]}"
+step student-speech 120 "$py" bench/student_throughput.py --preset gpu-speech "${sizes_student[@]}"
+step teacher-w2v2-compile 80 "$py" bench/teacher_throughput.py --preset wav2vec2-large --skip-pipeline --compile \
   "${sizes_compile[@]}"
 echo "results in $out" | tee -a "$summary"
