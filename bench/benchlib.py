@@ -54,9 +54,11 @@ def audio_pool(n: int, seconds: tuple[float, float], sr: int = 16000, seed: int 
     return out
 
 
-def image_pool(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0) -> list[tuple[bytes, float]]:
+def image_pool(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0,
+               progressive_every: int = 0) -> list[tuple[bytes, float]]:
     """n distinct JPEGs of ``size`` (w, h): smooth random colour fields plus mild noise, so they
-    compress like photos (tens of KB at 500x375) -> [(bytes, 0.0)]."""
+    compress like photos (tens of KB at 500x375) -> [(bytes, 0.0)]; every
+    ``progressive_every``-th one progressive (0: none)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -67,7 +69,8 @@ def image_pool(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, se
         img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
         img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        progressive = bool(progressive_every) and len(out) % progressive_every == progressive_every - 1
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality, progressive=progressive)
         out.append((buf.getvalue(), 0.0))
     return out
 

@@ -92,6 +92,15 @@ PRESETS = {
         smoke=dict(shards=3, per_shard=12, distinct=2, batch_size=8, pool=16, forward_seconds=2.0, warmup=1),
         memory=dict(shards=8, per_shard=1000),
     ),
+    # ResNet-50 at 224 (resize 256, centre crop) on 500x375 JPEGs, one in 8 progressive: the
+    # image teacher CPU decode can least keep up with (12,744 img/s pure on an H100).
+    "resnet50": dict(
+        modality="image", teacher="pipeline.models.zoo:resnet50", image_size=(500, 375), pool=256,
+        progressive_every=8, shards=600, per_shard=1000, distinct=16, batch_size=256, top_k=10,
+        prep=["--image-resize", "256", "--image-crop", "224"], device="auto",
+        smoke=dict(shards=3, per_shard=12, distinct=2, batch_size=8, pool=16, forward_seconds=2.0, warmup=1),
+        memory=dict(shards=8, per_shard=1000),
+    ),
     # wav2vec 2.0 large on 10 s FLAC clips, frame-level top-10 (20 ms frames); for an H100 box.
     "wav2vec2-large": dict(
         modality="audio", teacher="pipeline.models.zoo:wav2vec2_large_frames", seconds=(10.0, 10.0), pool=64,
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="teacher device for both measurements (default: preset; auto = cuda if present)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU")
+    p.add_argument("--image-decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="image presets: where JPEGs are decoded, in-process and in the pipeline (auto: gpu on a "
+                        "CUDA device); with gpu the two paths' agreement is measured too")
     p.add_argument("--compile", action="store_true",
                    help="the job's --compile: the pure forward, the actor's call and the pipeline use the "
                         "torch.compile'd teacher; the eager forward is timed beside it (compile_speedup=)")
@@ -177,7 +189,7 @@ def resolve(args) -> dict:
 def make_pool(cfg: dict, seed: int = 0):
     if cfg["modality"] == "audio":
         return audio_pool(cfg["pool"], cfg["seconds"], seed=seed), "flac"
-    return image_pool(cfg["pool"], cfg["image_size"], seed=seed), "jpg"
+    return image_pool(cfg["pool"], cfg["image_size"], seed=seed, progressive_every=cfg.get("progressive_every", 0)), "jpg"
 
 
 def device_of(choice: str) -> str:
@@ -190,13 +202,18 @@ def device_of(choice: str) -> str:
     return "cpu"
 
 
-def job_prep(cfg: dict) -> dict:
-    """The preprocessing the job will resolve for this preset (defaults + the preset's flags)."""
+def job_prep(cfg: dict, decode: str | None = None) -> dict:
+    """The preprocessing the job will resolve for this preset (defaults + the preset's flags);
+    images decoded where ``decode`` says (default: the preset's resolved --image-decode)."""
     from pipeline.cli import add_preprocessing_flags, resolve_preprocessing
+    from pipeline.modalities import preprocessing_from_dict
 
     p = argparse.ArgumentParser()
     add_preprocessing_flags(p)
-    return resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
+    prep = resolve_preprocessing(cfg["modality"], None, p.parse_args(cfg["prep"]))
+    if cfg["modality"] == "image":
+        prep = preprocessing_from_dict({**prep, "decode": decode or cfg["image_decode"]}).to_dict()
+    return prep
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +271,70 @@ class InProcess:
         self.batch_audio_s = [float(np.sum(b.column("length").to_numpy())) / sr if self.cfg["modality"] == "audio"
                               else 0.0 for b in self.batches]
         return {"samples": n * passes, "seconds": wall, "cpu_s": cpu, "samples_per_s": n * passes / wall,
-                "audio_s_per_s": secs * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / (n * passes)}
+                "audio_s_per_s": secs * passes / wall, "cpu_ms_per_sample": 1e3 * cpu / (n * passes),
+                "payload_bytes_per_sample": self.payload_bytes_per_row}
+
+    def device_decode(self, min_seconds: float = 3.0) -> dict:
+        """Image decode="gpu": the actor's decode, resize and crop of the batches alone
+        (device_decode.decode_batch, synchronised per batch), after one untimed pass."""
+        from pipeline.modalities import preprocessing_from_dict
+        from pipeline.modalities.device_decode import decode_batch
+
+        prep = preprocessing_from_dict(self.prep)
+        run = lambda b: decode_batch(b.column("payload"), prep, self.device)  # noqa: E731
+        for b in self.batches:
+            run(b)
+        self.sync()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < min_seconds:
+            for b in self.batches:
+                paths = run(b).paths
+                self.sync()
+                n += b.num_rows
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"samples": n, "seconds": wall, "samples_per_s": n / wall, "cpu_ms_per_sample": 1e3 * cpu / n,
+                "paths_last_batch": np.bincount(paths, minlength=4).tolist()}
+
+    def agreement(self) -> dict:
+        """The GPU decode path against the CPU one on the same images (this run's first shard):
+        pixels, and the teacher's logits on each (top-1 agreement, largest difference)."""
+        import pyarrow as pa
+        import torch
+
+        from pipeline.modalities import preprocessing_from_dict
+        from pipeline.models.runner import ModelRunner
+        from pipeline.teacher.decode import SAMPLE, DecodeShards
+        from pipeline.teacher.predictor import load_teacher
+
+        def rows(prep):
+            dec = DecodeShards(preprocessing_from_dict(prep))
+            t = pa.concat_tables(list(dec({"name": ["bench"], "uri": [self.shard_uri]})))
+            return t.filter(pa.array(t.column("kind").to_numpy() == SAMPLE))
+
+        gpu_rows, cpu_rows = rows(self.prep), rows(job_prep(self.cfg, "cpu"))
+        assert gpu_rows.column("key").equals(cpu_rows.column("key"))
+        gpu_runner = load_teacher([self.cfg["teacher"]], (), preprocessing_from_dict(self.prep), self.precision,
+                                  self.device)
+        cpu_runner = ModelRunner([], preprocessing_from_dict(job_prep(self.cfg, "cpu")), self.device, self.precision)
+        cpu_runner.models = gpu_runner.models  # one teacher, its weights as built once
+        B = self.cfg["batch_size"]
+        agree = n = 0
+        max_logit = max_pixel = 0.0
+        pixel_sum = 0.0
+        with torch.inference_mode():
+            for i in range(0, gpu_rows.num_rows, B):
+                xg, _ = gpu_runner.to_device(gpu_rows.column("payload").slice(i, B))
+                xc, _ = cpu_runner.to_device(cpu_rows.column("payload").slice(i, B))
+                d = (xg.int() - xc.int()).abs()
+                max_pixel = max(max_pixel, float(d.max()))
+                pixel_sum += float(d.float().sum())
+                lg, lc = gpu_runner.predict(xg, None).logits[0].float(), cpu_runner.predict(xc, None).logits[0].float()
+                agree += int((lg.argmax(-1) == lc.argmax(-1)).sum())
+                max_logit = max(max_logit, float((lg - lc).abs().max()))
+                n += xg.shape[0]
+        self._free()
+        return {"images": n, "top1_agreement": agree / n, "max_logit_diff": max_logit, "max_pixel_diff": max_pixel,
+                "mean_pixel_diff": pixel_sum / (n * xg[0].numel())}
 
     def pure_and_call(self, work: str) -> tuple[dict, dict]:
         """Pure forward and the actor's call, timed in alternating rounds (so drift in the load of
@@ -408,6 +488,8 @@ def pipeline_argv(cfg: dict, args, inputs: list[str], output: str) -> list[str]:
             "--precision", args.precision, "--cpus-per-actor", str(args.cpus_per_actor), "--progress-interval", "30",
             "--actor-concurrency", str(cfg["actor_concurrency"]), *(["--compile"] if cfg["compile"] else []),
             *cfg["prep"]]
+    if cfg["modality"] == "image":
+        argv += ["--image-decode", cfg["image_decode"]]
     if args.actors:
         argv += ["--actors", str(args.actors)]
     if args.gpus_per_actor:
@@ -469,6 +551,11 @@ def main(argv=None) -> int:
 
         device = device_of(cfg["device"])
         cfg["device"] = device  # both sides on the same device
+        cfg["image_decode"] = (args.image_decode if args.image_decode != "auto"
+                               else "gpu" if device == "cuda" else "cpu")
+        if cfg["modality"] == "image" and cfg["image_decode"] == "gpu" and device != "cuda" and not args.skip_pipeline:
+            raise SystemExit("--image-decode gpu needs a CUDA device (or --skip-pipeline: the in-process parts "
+                             "decode on the CPU device)")
         results["gpu"] = torch.cuda.get_device_name() if device == "cuda" else None
         # as the job chooses (pipeline.teacher.job.actor_concurrency), unless given
         from pipeline.teacher.job import default_actor_concurrency
@@ -495,7 +582,17 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t0:.1f} s to build)", flush=True)
             ip = InProcess(cfg, corpus.shards[0], device, threads, args.precision, cfg["actor_concurrency"])
             m = {"decode": ip.decode()}
-            print(f"[bench] decode, one core: {m['decode']['samples_per_s']:,.1f} samples/s", flush=True)
+            print(f"[bench] decode, one core: {m['decode']['samples_per_s']:,.1f} samples/s, "
+                  f"{m['decode']['payload_bytes_per_sample']:,.0f} payload bytes per sample", flush=True)
+            if cfg["modality"] == "image" and cfg["image_decode"] == "gpu":
+                m["device_decode"] = ip.device_decode()
+                print(f"[bench] decode on the teacher's device alone: {m['device_decode']['samples_per_s']:,.1f} "
+                      f"img/s ({m['device_decode']['cpu_ms_per_sample']:.3f} ms host CPU per image)", flush=True)
+                m["agreement"] = ip.agreement()
+                a = m["agreement"]
+                print(f"[bench] GPU vs CPU decode on {a['images']} images: top-1 agreement {a['top1_agreement']:.4f}, "
+                      f"largest logit difference {a['max_logit_diff']:.4f}, pixels {a['mean_pixel_diff']:.3f} "
+                      f"mean / {a['max_pixel_diff']:.0f} max grey levels apart", flush=True)
             m["pure_before"], m["call_before"] = ip.pure_and_call(work)
             print(f"[bench] pure forward: {m['pure_before']['samples_per_s']:,.1f} samples/s; actor call "
                   f"{m['call_before']['samples_per_s']:,.1f}", flush=True)
@@ -599,7 +696,12 @@ def report(cfg: dict, m: dict, pipe, corpus) -> dict:
               f"device: model FLOPs utilisation {mfu:.1%}")
     out = {"in_process": m, "pure_samples_per_s": pure, "call_ratio": call_ratio, "mfu": mfu,
            "flops_per_sample": fps or None, "peak_matrix_flop_per_s": peak, "compile_speedup": compile_speedup,
-           "ratio": None, "ratio_steady": None, "decode_overhead": None}
+           "ratio": None, "ratio_steady": None, "decode_overhead": None,
+           "device_decode_samples_per_s": (m.get("device_decode") or {}).get("samples_per_s"),
+           "agreement": m.get("agreement")}
+    if m.get("device_decode"):
+        row("decode+resize+crop on the teacher's device alone", m["device_decode"]["samples_per_s"],
+            m["device_decode"]["cpu_ms_per_sample"], "decode_batch per batch, synchronised")
     if pipe is None:
         return out
 

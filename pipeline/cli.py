@@ -58,6 +58,9 @@ def resolve_preprocessing(modality: str, from_model: dict | None, args) -> dict:
     """``from_model``'s preprocessing (a checkpoint's or a manifest's; else the defaults), explicit flags on top."""
     base = dict(from_model) if from_model else {}
     base["modality"] = modality
+    # Where a cache's images were decoded is the pseudo-label job's own choice (--image-decode,
+    # set after this); students and evaluation decode on the CPU whatever the cache did.
+    base.pop("decode", None)
     flags = _prep_overrides(args)
     fields = set(AUDIO_FLAGS.values()) if modality == "audio" else set(IMAGE_FLAGS.values())
     wrong = {k for k in flags if k not in fields}

@@ -31,13 +31,17 @@ def preprocessing_from_dict(d: dict) -> Preprocessing:
 def prepare(data: bytes, prep: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS
             ) -> list[tuple[tuple[int, int] | None, "np.ndarray"]]:
     """Encoded media -> [(chunk bounds or None, array)]: audio (N,) float32 at the model rate,
-    image (crop, crop, 3) uint8. Raises DecodeError (bounded by ``limits``)."""
+    image (crop, crop, 3) uint8, or with ``prep.decode == "gpu"`` a validated JPEG left
+    encoded (image.EncodedImage, for the teacher actor to decode). Raises DecodeError
+    (bounded by ``limits``)."""
     from pipeline.modalities.audio import prepare_waveform
-    from pipeline.modalities.image import prepare_image
+    from pipeline.modalities.image import prepare_image, stage_image
 
     try:
         if isinstance(prep, AudioPreprocessing):
             return prepare_waveform(data, prep, limits)
+        if prep.decode == "gpu":
+            return [(None, stage_image(data, prep, limits))]
         return [(None, prepare_image(data, prep, limits))]
     except MemoryError:  # resampling or resizing a large (but allowed) input
         raise DecodeError("out_of_memory", "preparing the sample ran out of memory") from None

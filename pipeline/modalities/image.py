@@ -23,9 +23,14 @@ RESIZE_MODES = ("shorter", "shortest_edge", "exact")
 RESAMPLE_FILTERS = ("nearest", "nearest-exact", "bilinear", "bicubic", "lanczos", "box", "hamming")
 CROP_OFFSETS = ("floor", "round")
 RESIZE_BACKENDS = ("pil", "torchvision-v2", "torchvision-v1")
+DECODE_PLACES = ("cpu", "gpu")
+GPU_RESAMPLE = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what a tensor resize offers
 # Fields added after format 1 shipped: left out of to_dict() at their defaults, so the
 # preprocessing dict (and so the fingerprint) of every existing run stays what it was.
-_LATER_DEFAULTS = {"resize_mode": "shorter", "resample": "bilinear", "crop_offset": "floor", "backend": "pil"}
+_LATER_DEFAULTS = {"resize_mode": "shorter", "resample": "bilinear", "crop_offset": "floor", "backend": "pil",
+                   "decode": "cpu"}
+# How a sample's pixels travel from a decode task when decode="gpu" (the payload's "path")
+PIXELS, JPEG, JPEG_PROGRESSIVE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,11 @@ class ImagePreprocessing:
       applied to a decoded tensor). They differ by a few grey levels, so a teacher is fed
       exactly what its own library would give it only with the matching backend.
     mean, std: applied by ``frontends.ImageFrontend`` to x / 255.
+    decode: where JPEGs are decoded, resized and cropped: "cpu" (the decode tasks, as above) or
+      "gpu" (the teacher actor, with nvJPEG and a torchvision tensor resize with antialias:
+      pipeline.modalities.device_decode). Their pixels differ by a few grey levels, so the
+      place is part of the identity; the decode tasks still validate every file, and decode
+      on the CPU what the GPU decoder does not take (PNG, WebP, CMYK, broken JPEGs).
     """
 
     resize: int = 32
@@ -58,17 +68,22 @@ class ImagePreprocessing:
     resample: str = "bilinear"
     crop_offset: str = "floor"
     backend: str = "pil"
+    decode: str = "cpu"
 
     def __post_init__(self):
         if self.resize <= 0 or self.crop <= 0 or self.crop > self.resize:
             raise ValueError(f"image preprocessing needs 0 < crop <= resize, got resize={self.resize} crop={self.crop}")
         for name, allowed in (("resize_mode", RESIZE_MODES), ("resample", RESAMPLE_FILTERS),
-                              ("crop_offset", CROP_OFFSETS), ("backend", RESIZE_BACKENDS)):
+                              ("crop_offset", CROP_OFFSETS), ("backend", RESIZE_BACKENDS),
+                              ("decode", DECODE_PLACES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"image {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.backend != "pil" and self.resample in ("box", "hamming", "lanczos"):
             raise ValueError(f"image resample {self.resample!r} needs backend 'pil' (torchvision resizes tensors "
                              "with nearest, bilinear or bicubic)")
+        if self.decode == "gpu" and self.resample not in GPU_RESAMPLE:
+            raise ValueError(f"image resample {self.resample!r} has no GPU implementation; decode on the CPU "
+                             f"(--image-decode cpu) or resample with one of {GPU_RESAMPLE}")
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
 
@@ -171,3 +186,32 @@ def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = 
         return arr if arr.flags.writeable else arr.copy()
     top, left = _crop_offset(nh, prep.crop, prep.crop_offset), _crop_offset(nw, prep.crop, prep.crop_offset)
     return arr[top: top + prep.crop, left: left + prep.crop].copy()  # (crop, crop, 3), contiguous, writable
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A validated JPEG a decode task ships undecoded, for the teacher actor's GPU to decode."""
+
+    data: bytes
+    progressive: bool
+
+
+def stage_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = DEFAULT_LIMITS
+                ) -> np.ndarray | EncodedImage:
+    """What a decode task ships for one image when ``prep.decode == "gpu"``: a whole,
+    GPU-decodable JPEG within the pixel limit as its bytes (EncodedImage); anything else
+    (PNG, WebP, CMYK or arithmetic-coded JPEGs, truncated or unreadable files) through
+    ``prepare_image`` exactly as on the CPU path: a (crop, crop, 3) uint8 array, or the same
+    DecodeError with the same reason."""
+    from pipeline.modalities.jpeg import read_jpeg_header
+
+    header = read_jpeg_header(data) if data else None
+    if header is None or not header.gpu_decodable:
+        return prepare_image(data, prep, limits)
+    w, h = header.width, header.height
+    if w * h > limits.max_image_pixels:  # the same check and words as decode_image's
+        raise DecodeError("image_too_large", f"{w}x{h} = {w * h:,} pixels, above the limit of "
+                                             f"{limits.max_image_pixels:,} (--max-image-pixels)")
+    if w == 0 or h == 0:
+        return prepare_image(data, prep, limits)
+    return EncodedImage(bytes(data), header.progressive)

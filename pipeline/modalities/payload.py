@@ -5,6 +5,11 @@ Decode tasks (teacher and student alike) ship every sample's prepared array in a
 
     audio   large_list<float32>            a waveform (N,) at the model's rate, any N
     image   fixed_size_list<uint8>[H*W*3]  an (H, W, 3) crop
+    image, decode="gpu"
+            struct<path: int8, data: large_binary>
+                                           path JPEG / JPEG_PROGRESSIVE: the file's bytes, for
+                                           the teacher actor to decode (device_decode);
+                                           PIXELS: an (H, W, 3) crop decoded by the task
 
 Building the column costs one concatenation of the arrays, and turning a batch of it back
 into a padded array costs one copy into the caller's buffer: no per-sample Python on either
@@ -19,18 +24,35 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.modalities.audio import AudioPreprocessing
+from pipeline.modalities.image import JPEG, JPEG_PROGRESSIVE, PIXELS
+
+ENCODED_TYPE = pa.struct([("path", pa.int8()), ("data", pa.large_binary())])
+
+
+def encoded(prep) -> bool:
+    """Whether the payload may hold undecoded images (image preprocessing with decode="gpu")."""
+    return getattr(prep, "decode", "cpu") == "gpu"
 
 
 def payload_type(prep) -> pa.DataType:
     """The Arrow type of the payload column for a preprocessing."""
     if isinstance(prep, AudioPreprocessing):
         return pa.large_list(pa.float32())
+    if encoded(prep):
+        return ENCODED_TYPE
     return pa.list_(pa.uint8(), prep.crop * prep.crop * 3)
 
 
-def payload_array(arrays: list[np.ndarray], prep) -> pa.Array:
-    """Prepared arrays (audio (N_i,) float32 / image (H, W, 3) uint8) -> one payload column."""
+def payload_array(arrays: list, prep) -> pa.Array:
+    """Prepared arrays (audio (N_i,) float32 / image (H, W, 3) uint8, or with decode="gpu"
+    also image.EncodedImage) -> one payload column."""
     typ = payload_type(prep)
+    if encoded(prep):
+        paths = [PIXELS if isinstance(a, np.ndarray) else JPEG_PROGRESSIVE if a.progressive else JPEG
+                 for a in arrays]
+        datas = [a.tobytes() if isinstance(a, np.ndarray) else a.data for a in arrays]
+        return pa.StructArray.from_arrays([pa.array(paths, pa.int8()), pa.array(datas, pa.large_binary())],
+                                          fields=list(typ))
     if isinstance(prep, AudioPreprocessing):
         lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
         offsets = np.zeros(len(arrays) + 1, dtype=np.int64)

@@ -14,6 +14,7 @@ from torch import nn
 from pipeline.models.base import output_lengths
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.modalities.frontends import make_frontend
+from pipeline.modalities.payload import encoded
 from pipeline.modalities.staging import payload_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -119,7 +120,16 @@ class ModelRunner:
         """A payload column (pipeline.modalities.payload) -> (x, lengths) on the device.
 
         audio: x (B, N_max) float32 zero-padded, lengths (B,); image: x (B, H, W, 3) uint8, None.
-        One host copy (pinned on CUDA), then an asynchronous copy to the device."""
+        One host copy (pinned on CUDA), then an asynchronous copy to the device; image
+        decode="gpu": the JPEGs decoded there (device_decode; raises the DecodeError of a row
+        that does not decode: here every row must, the teacher's actor keeps them apart)."""
+        if encoded(self.prep):
+            from pipeline.modalities.device_decode import decode_batch
+
+            dec = decode_batch(payload, self.prep, self.device)
+            if dec.errors:
+                raise next(iter(dec.errors.values()))
+            return dec.x, None
         x, lengths = payload_batch(payload, self.prep, pin=self.pin)
         x = x.to(self.device, non_blocking=self.pin)
         return x, (lengths.to(self.device, non_blocking=self.pin) if lengths is not None else None)

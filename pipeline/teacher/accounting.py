@@ -26,7 +26,14 @@ RECORD_SCHEMA = pa.schema([
     ("key_hash", pa.uint64()),  # sum of key_hash over the rows' keys, mod 2^64
     ("bytes", pa.int64()),  # PART: file size
     ("node", pa.string()),  # PART: the Ray node that wrote it
+    # PART, image decode="gpu": its rows by how their images were decoded (the run summary's
+    # image_decode; DECODE_COUNTS). Null elsewhere.
+    ("gpu_decoded", pa.int64()),  # on the device (baseline and progressive JPEGs)
+    ("gpu_progressive", pa.int64()),  # of those, progressive (nvJPEG's CUDA path, not its hardware engine)
+    ("cpu_decoded", pa.int64()),  # by the decode task (PNG, WebP, CMYK JPEGs, ...)
+    ("cpu_fallback", pa.int64()),  # JPEGs the device decoder refused, decoded on the actor's host
 ])
+DECODE_COUNTS = ("gpu_decoded", "gpu_progressive", "cpu_decoded", "cpu_fallback")
 
 
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)

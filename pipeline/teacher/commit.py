@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.shards import RunWriter
 from pipeline.shards.manifest import ShardRecord
-from pipeline.teacher.accounting import END, MASK64, PART
+from pipeline.teacher.accounting import DECODE_COUNTS, END, MASK64, PART
 
 
 def fmt_duration(seconds: float) -> str:
@@ -104,12 +105,15 @@ class ShardTracker:
         self.pending: dict[str, _Shard] = {}
         self.running: dict = {}  # compaction handle -> shard name
         self.error_reasons: Counter = Counter()
+        self.image_decode: Counter = Counter()  # image decode="gpu": rows by decode path (DECODE_COUNTS)
         self.received_bytes = 0  # what the driver's loop got from the workers
         self.dataset = None  # the Ray dataset being drained (set by the job)
 
     def add(self, records: pa.Table) -> None:
         """Take one batch of PART / END records (from any actors, any shards, any order)."""
         self.received_bytes += records.nbytes
+        for c in DECODE_COUNTS:
+            self.image_decode[c] += pc.sum(records.column(c)).as_py() or 0
         cols = {c: records.column(c).to_pylist() for c in ("shard", "kind", "part", "rows", "errors", "frames",
                                                             "key_hash")}
         for name, kind, part, rows, errors, frames, h in zip(*cols.values()):

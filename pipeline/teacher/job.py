@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: GPU actors when the cluster has GPUs now, else CPU fallback; cuda: always GPU actors "
                         "(waits for an autoscaling GPU group)")
+    g.add_argument("--image-decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where JPEGs are decoded, resized and cropped: gpu (nvJPEG in the teacher actor; the decode "
+                        "tasks only validate them), cpu (the decode tasks, with PIL), auto (gpu when the teacher "
+                        "actors get a GPU). The two differ by a few grey levels, so the choice is part of the cache's "
+                        "fingerprint")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU runs fp32)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the teacher(s) for fixed shapes: batches padded to --batch-size rows, audio "
@@ -139,7 +144,9 @@ def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, i
     print(f"[pseudo-label] {len(refs)} input shard(s), {skipped} already complete in {args.output} "
           f"(fingerprint {plan.fingerprint[:12]}{', checksums verified' if ex.verify else ''}); teacher "
           f"{', '.join(plan.teacher['specs'])}; {plan.modality}, {plan.level} level, {plan.num_classes} classes, "
-          f"top-{plan.k}" + (f"; removed {removed} file(s) no commit names" if removed else ""), flush=True)
+          f"top-{plan.k}" + ("; JPEGs decoded on the GPU (--image-decode)" if getattr(plan.preprocessing, "decode", "cpu")
+                             == "gpu" else "")
+          + (f"; removed {removed} file(s) no commit names" if removed else ""), flush=True)
     progress = Progress(len(inputs.todo), sum(r.size for r in inputs.todo), skipped, ex.progress_interval)
     if not inputs.todo:
         print("[pseudo-label] cache hit: every shard is complete for this fingerprint; no teacher batch was run",
@@ -317,6 +324,7 @@ def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTr
     el = progress.elapsed
     reasons = tracker.error_reasons if tracker else Counter()
     received = tracker.received_bytes if tracker else 0
+    decoded = dict(tracker.image_decode) if tracker and any(tracker.image_decode.values()) else None
     # The exit code judges the whole run directory, so a rerun (or a cache hit) over a run with
     # too many quarantined keys still fails.
     run_rows = sum(r.rows for r in m.shards.values())
@@ -338,6 +346,8 @@ def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTr
         if progress.samples + progress.errors else None,
         "max_error_rate": ex.max_error_rate, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if decoded:  # image decode="gpu": how the images got their pixels
+        summary["image_decode"] = decoded
     writer.close(run_summary=summary)
     unit = "frame" if m.level == "frame" else "sample"
     print("[pseudo-label] summary")
@@ -345,6 +355,10 @@ def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTr
     print(f"  samples      {progress.samples:,}" + (f" ({progress.frames:,} frames)" if m.level == "frame" else ""))
     print(f"  errors       {progress.errors:,} (run directory: {run_errors:,} of {run_rows + run_errors:,}, {rate:.2%})" +
           "".join(f"\n    {r:<20} {n:,}" for r, n in sorted(reasons.items())))
+    if decoded:
+        print(f"  decode       {decoded['gpu_decoded']:,} on the GPU ({decoded['gpu_progressive']:,} progressive), "
+              f"{decoded['cpu_decoded']:,} by the decode tasks (not GPU-decodable), "
+              f"{decoded['cpu_fallback']:,} refused by the GPU decoder and decoded on the host")
     print(f"  throughput   {summary['samples_per_s']:,} samples/s over {fmt_duration(el)} "
           f"(+{progress.startup:.1f} s start-up)")
     per = summary["bytes_per_frame"] if m.level == "frame" else summary["bytes_per_sample"]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.cli import limits_from_args, resolve_preprocessing
+from pipeline.cli import init_ray, limits_from_args, resolve_preprocessing, use_gpu
 from pipeline.config import ConfigError
 from pipeline.fingerprint import fingerprint
 from pipeline.inputs import sniff_modality
 from pipeline.modalities import DecodeLimits, Preprocessing, preprocessing_from_dict
+from pipeline.modalities.image import GPU_RESAMPLE
 from pipeline.models.probe import probe_output
 from pipeline.models.spec import SpecError, absolute_spec, build_model, check_trust_modules, describe_model, identity, parse_spec
 from pipeline.shards import Manifest
@@ -154,6 +155,9 @@ def plan_teacher(args, first_shard: str) -> TeacherPlan:
         frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
         if frame_shift is None:
             raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
+    if modality == "image":  # last: it may start Ray (auto on a cluster), after every other check
+        place = image_decode_place(args, preprocessing_from_dict(prep).resample)
+        prep = preprocessing_from_dict({**prep, "decode": place}).to_dict()  # "cpu": the dict as before
     k = min(args.top_k, num_classes)
     names = next((d["class_names"] for d in described if d["class_names"]), None)
     teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
@@ -161,3 +165,37 @@ def plan_teacher(args, first_shard: str) -> TeacherPlan:
     fp = fingerprint(teacher["identities"], prep, k, level)
     return TeacherPlan(tuple(given), trust, modality, level, num_classes, k, frame_shift,
                        preprocessing_from_dict(prep), tuple(names) if names else None, teacher, fp)
+
+
+def image_decode_place(args, resample: str) -> str:
+    """--image-decode -> where the teacher's JPEGs are decoded ("cpu" or "gpu"; part of the
+    preprocessing, so of the fingerprint). auto: "gpu" when the teacher actors get a GPU
+    (--device cuda; --device auto with GPUs in the cluster, which connects to it), the resize
+    filter has a GPU implementation and torchvision is installed; else "cpu", today's path."""
+    import importlib.util
+    import os
+
+    choice, device = args.image_decode, args.device
+    reasons = []
+    if device == "cpu":
+        reasons.append("--device cpu gives the teacher no GPU")
+    if resample not in GPU_RESAMPLE:
+        reasons.append(f"the {resample!r} resize filter has no GPU implementation (use one of {GPU_RESAMPLE})")
+    if importlib.util.find_spec("torchvision") is None:
+        reasons.append("torchvision is not installed (pip install 'kdpipe[vision]')")
+    if choice == "cpu":
+        return "cpu"
+    if choice == "gpu":
+        if reasons:
+            raise ConfigError(f"--image-decode gpu: {reasons[0]}")
+        return "gpu"
+    if reasons:
+        return "cpu"
+    if device == "cuda":
+        return "gpu"
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # the embedded Ray sees this machine's GPUs
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    init_ray(args.address, args.dashboard)
+    return "gpu" if use_gpu(device) else "cpu"

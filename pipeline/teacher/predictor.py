@@ -12,7 +12,9 @@ one actor at once, on threads (``ActorPoolStrategy(max_concurrent_calls_per_acto
 enable_true_multi_threading=True)``), and each call goes through:
 
     1. host    the payload column into its slot's reused pinned staging buffer
-    2. copy    host -> device on the slot's own CUDA stream (``non_blocking``)
+    2. copy    host -> device on the slot's own CUDA stream (``non_blocking``); with image
+               decode="gpu", steps 1-2 are the JPEGs decoded, resized and cropped on that
+               stream instead (pipeline.modalities.device_decode)
     3. device  under one lock: wait for that copy, enqueue the forward, top-k and the
                finiteness check on the compute stream, and the copies of their results into
                the slot's pinned output buffers (``non_blocking``); record an event
@@ -30,6 +32,7 @@ by no record (docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import threading
@@ -42,6 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
+from pipeline.modalities.image import JPEG, JPEG_PROGRESSIVE, PIXELS
+from pipeline.modalities.payload import encoded
 from pipeline.modalities.staging import StagingBuffer, payload_batch
 from pipeline.models.runner import ModelRunner
 from pipeline.models.spec import build_model, parse_spec
@@ -159,13 +164,39 @@ class TeacherPredictor:
         n = len(keys)
         cols = {f.name: pa.nulls(n, f.type) for f in self.schema}
         cols.update(key=keys, kind=pa.array(np.full(n, ERROR, np.int8)), reason=reasons, detail=details)
-        return pa.table(cols, schema=self.schema).append_column("shard", shards)
+        return _with_side_columns(pa.table(cols, schema=self.schema), shards, np.full(n, NO_PATH, np.int8))
+
+    def _on_device(self, samples: pa.Table, slot: _Slot):
+        """Image decode="gpu": the batch's JPEGs decoded on the device, on the slot's stream ->
+        (samples that decoded, x (B_ok, crop, crop, 3) uint8 on the device, their decode paths,
+        an error part for those that did not, or None)."""
+        from pipeline.modalities.device_decode import decode_batch
+
+        with torch.cuda.stream(slot.stream) if slot.cuda else contextlib.nullcontext():
+            dec = decode_batch(samples.column("payload"), self.runner.prep, self.runner.device)
+        failed = None
+        if dec.errors:
+            bad = sorted(dec.errors)
+            failed = self._errors(samples.column("key").take(pa.array(bad)),
+                                  pa.array([dec.errors[i].reason for i in bad], pa.string()),
+                                  pa.array([dec.errors[i].detail[:500] for i in bad], pa.string()),
+                                  samples.column("shard").take(pa.array(bad)))
+            samples = samples.filter(pa.array(dec.ok))
+        return samples, dec.x, dec.paths[dec.ok], failed
 
     def _predict(self, samples: pa.Table, slot: _Slot) -> pa.Table:
         f = self.facts
         runner = self.runner
-        x, lengths = payload_batch(samples.column("payload"), runner.prep, staging=slot.input)  # 1. host
-        if slot.cuda:  # 2. copy, on the slot's stream: overlaps the forward of another call
+        failed = None
+        if encoded(runner.prep):  # 1-2. decoded on the device, on the slot's stream
+            samples, x, paths, failed = self._on_device(samples, slot)
+            lengths = None
+            if not samples.num_rows:
+                return failed
+        else:
+            x, lengths = payload_batch(samples.column("payload"), runner.prep, staging=slot.input)  # 1. host
+            paths = np.full(samples.num_rows, NO_PATH, np.int8)
+        if slot.cuda and not x.is_cuda:  # 2. copy, on the slot's stream: overlaps the forward of another call
             if lengths is not None:  # from pinned memory too: a pageable source would make the copy wait
                 lengths = slot.pinned("lengths", lengths)
             with torch.cuda.stream(slot.stream):
@@ -207,12 +238,14 @@ class TeacherPredictor:
             cols.update(kind=pa.array(np.full(n, SAMPLE, np.int8)), reason=pa.nulls(n, pa.string()),
                         detail=pa.nulls(n, pa.string()))
             part = pa.table(cols).cast(self.schema)
-            parts.append(part.append_column("shard", samples.column("shard").take(pa.array(good))))
+            parts.append(_with_side_columns(part, samples.column("shard").take(pa.array(good)), paths[good]))
         if len(bad):
             n = len(bad)
             parts.append(self._errors(keys.take(pa.array(bad)), pa.array(["nonfinite_output"] * n),
                                       pa.array(["teacher output has NaN or inf"] * n),
                                       samples.column("shard").take(pa.array(bad))))
+        if failed is not None:
+            parts.append(failed)
         return pa.concat_tables(parts)
 
     def _results(self, out, slot: _Slot) -> tuple[dict[str, torch.Tensor], "torch.cuda.Event | None"]:
@@ -236,7 +269,9 @@ class TeacherPredictor:
         records = []
         shard_col = rows.column("shard")
         for name in pc.unique(shard_col).to_pylist():
-            part = rows.filter(pc.equal(shard_col, name)).drop_columns(["shard"])
+            part = rows.filter(pc.equal(shard_col, name))
+            paths = part.column("decode_path").to_numpy()
+            part = part.drop_columns(list(SIDE_COLUMNS))
             buf = io.BytesIO()
             pq.write_table(part, buf, compression="lz4")
             data = buf.getvalue()
@@ -249,5 +284,25 @@ class TeacherPredictor:
             records.append({"shard": name, "kind": PART, "part": rel, "rows": int((kinds == SAMPLE).sum()),
                             "errors": int((kinds == ERROR).sum()), "frames": frames,
                             "key_hash": key_hash(part.column("key")), "bytes": len(data),
-                            "node": self.node})
+                            "node": self.node, **decode_counts(paths)})
         return records
+
+
+# Columns the rows of a call carry until their part is written, never into it: the shard a
+# row belongs to and how its image was decoded (device_decode's path codes; NO_PATH: not
+# applicable, as for audio, CPU-decoded caches and error rows).
+SIDE_COLUMNS = ("shard", "decode_path")
+NO_PATH = -1
+
+
+def _with_side_columns(table: pa.Table, shards, paths: np.ndarray) -> pa.Table:
+    return table.append_column("shard", shards).append_column("decode_path", pa.array(paths, pa.int8()))
+
+
+def decode_counts(paths: np.ndarray) -> dict[str, int]:
+    """A part's rows by decode path (image decode="gpu"): the PART record's counts."""
+    from pipeline.modalities.device_decode import CPU_FALLBACK
+
+    on_gpu = (paths == JPEG) | (paths == JPEG_PROGRESSIVE)
+    return {"gpu_decoded": int(on_gpu.sum()), "gpu_progressive": int((paths == JPEG_PROGRESSIVE).sum()),
+            "cpu_decoded": int((paths == PIXELS).sum()), "cpu_fallback": int((paths == CPU_FALLBACK).sum())}
