@@ -372,28 +372,25 @@ def timeline_summary(timeline_path: str, start_wall: float) -> list[tuple[str, f
 
 def _child_pseudo_label(marks_path: str, argv: list[str]) -> int:
     """pipeline.teacher.job.run(argv) with every record batch's arrival time recorded (through
-    the job's own seam: a ShardTracker subclass drains the dataset)."""
+    the job's own seam: ``on_records``)."""
     import pipeline.teacher.job as job
-    from pipeline.teacher.accounting import PART
-    from pipeline.teacher.commit import ShardTracker
+    from pipeline.teacher.accounting import Record
 
     batches: list[list[float]] = []
     start: list[float] = []
     seen: list = []
 
-    class TimedTracker(ShardTracker):
-        def add(self, records):
-            now = time.monotonic()
-            if not start:
-                start.append(self.progress.start)  # set by progress.restart() when the pipeline starts
-                start.append(time.time() - (now - self.progress.start))  # the same instant, wall clock
-                seen.append(self)
-            kinds = records.column("kind").to_pylist()
-            rows = sum(r for r, k in zip(records.column("rows").to_pylist(), kinds) if k == PART)
-            batches.append([now - start[0], rows])
-            super().add(records)
+    def timed(records, tracker):
+        now = time.monotonic()
+        if not start:
+            start.append(tracker.progress.start)  # set by progress.restart() when the pipeline starts
+            start.append(time.time() - (now - tracker.progress.start))  # the same instant, wall clock
+            seen.append(tracker)
+        kinds = records.column("kind").to_pylist()
+        rows = sum(r for r, k in zip(records.column("rows").to_pylist(), kinds) if k == Record.PART)
+        batches.append([now - start[0], rows])
 
-    rc = job.run(argv, tracker_cls=TimedTracker)
+    rc = job.run(argv, on_records=timed)
     stats = ""
     if seen and seen[0].dataset is not None:
         try:

@@ -151,14 +151,14 @@ def teacher_forward_cost(cfg: dict, pool, device: str, threads: int, precision: 
 
     from pipeline.modalities import prepare, preprocessing_from_dict
     from pipeline.modalities.payload import payload_array
+    from pipeline.models.runner import ModelRunner
     from pipeline.softtargets import topk_from_logits
-    from pipeline.teacher.predictor import load_teacher
 
     torch.set_num_threads(threads)
     pp = preprocessing_from_dict(_prep(cfg))
     B = cfg["batch_size"]
     col = payload_array([prepare(pool[i % len(pool)][0], pp)[0][1] for i in range(B)], pp)
-    runner = load_teacher([cfg["teacher"]], (), pp, precision, device)
+    runner = ModelRunner.from_specs([cfg["teacher"]], (), pp, device, precision)
     x, lens = runner.to_device(col)
 
     def fwd():

@@ -245,7 +245,8 @@ class InProcess:
         import pyarrow as pa
 
         from pipeline.modalities import preprocessing_from_dict
-        from pipeline.teacher.decode import SAMPLE, DecodeShards
+        from pipeline.teacher.accounting import Row
+        from pipeline.teacher.decode import DecodeShards
 
         dec = DecodeShards(preprocessing_from_dict(self.prep))
         run = lambda: list(dec({"name": ["bench"], "uri": [self.shard_uri]}))  # noqa: E731
@@ -259,7 +260,7 @@ class InProcess:
                 break
         cpu = time.process_time() - c0
         table = pa.concat_tables(tables)
-        table = table.filter(pa.array(table.column("kind").to_numpy() == SAMPLE))
+        table = table.filter(pa.array(table.column("kind").to_numpy() == Row.SAMPLE))
         n = table.num_rows
         self.payload_bytes_per_row = table.column("payload").nbytes / max(n, 1)
         sr = self.prep.get("sample_rate", 16000)
@@ -303,20 +304,21 @@ class InProcess:
 
         from pipeline.modalities import preprocessing_from_dict
         from pipeline.models.runner import ModelRunner
-        from pipeline.teacher.decode import SAMPLE, DecodeShards
-        from pipeline.teacher.predictor import load_teacher
+        from pipeline.teacher.accounting import Row
+        from pipeline.teacher.decode import DecodeShards
 
         def rows(prep):
             dec = DecodeShards(preprocessing_from_dict(prep))
             t = pa.concat_tables(list(dec({"name": ["bench"], "uri": [self.shard_uri]})))
-            return t.filter(pa.array(t.column("kind").to_numpy() == SAMPLE))
+            return t.filter(pa.array(t.column("kind").to_numpy() == Row.SAMPLE))
 
         gpu_rows, cpu_rows = rows(self.prep), rows(job_prep(self.cfg, "cpu"))
         assert gpu_rows.column("key").equals(cpu_rows.column("key"))
-        gpu_runner = load_teacher([self.cfg["teacher"]], (), preprocessing_from_dict(self.prep), self.precision,
-                                  self.device)
-        cpu_runner = ModelRunner([], preprocessing_from_dict(job_prep(self.cfg, "cpu")), self.device, self.precision)
-        cpu_runner.models = gpu_runner.models  # one teacher, its weights as built once
+        gpu_runner = ModelRunner.from_specs([self.cfg["teacher"]], (), preprocessing_from_dict(self.prep), self.device,
+                                            self.precision)
+        # one teacher, its weights as built once
+        cpu_runner = ModelRunner(gpu_runner.models, preprocessing_from_dict(job_prep(self.cfg, "cpu")), self.device,
+                                 self.precision)
         B = self.cfg["batch_size"]
         agree = n = 0
         max_logit = max_pixel = 0.0
@@ -348,12 +350,13 @@ class InProcess:
         --compile), and the eager forward is timed in the same rounds (``self.eager``)."""
         from pipeline.modalities import preprocessing_from_dict
         from pipeline.shards.manifest import RunFacts
-        from pipeline.softtargets import id_dtype
-        from pipeline.teacher.predictor import TeacherPredictor, load_teacher
+        from pipeline.shards.schema import id_dtype
+        from pipeline.models.runner import ModelRunner
+        from pipeline.teacher.predictor import TeacherPredictor
 
         t0 = time.perf_counter()
         prep = preprocessing_from_dict(self.prep)
-        runner = load_teacher([self.cfg["teacher"]], (), prep, self.precision, self.device)
+        runner = ModelRunner.from_specs([self.cfg["teacher"]], (), prep, self.device, self.precision)
         on_dev = [runner.to_device(b.column("payload")) for b in self.batches]
         self.sync()
         build = time.perf_counter() - t0
@@ -367,7 +370,7 @@ class InProcess:
             self.flops_per_sample = model_flops(runner, on_dev[0]) / self.batches[0].num_rows
         eager = runner
         if self.compile:  # the reference and the actor then use the compiled teacher, as the job does
-            runner = load_teacher([self.cfg["teacher"]], (), prep, self.precision, self.device)
+            runner = ModelRunner.from_specs([self.cfg["teacher"]], (), prep, self.device, self.precision)
             runner.compile(self.cfg["batch_size"])
             t1 = time.perf_counter()
             runner.predict(*on_dev[0])

@@ -171,5 +171,3 @@ def topk_logits(logprobs: torch.Tensor, logsumexp: torch.Tensor, k: int | None =
     k = _check_kprime(logprobs.shape[-1], k)
     return logprobs[..., :k].float() + logsumexp.float().unsqueeze(-1)
 
-
-from pipeline.shards.schema import id_dtype  # noqa: E402,F401 (the format's rule; re-exported)

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.shards.schema import id_dtype
 from pipeline.softtargets import (
-    dense_targets, ensemble_logprobs, id_dtype, sparse_targets, topk_from_logits, topk_from_logprobs, topk_logits,
+    dense_targets, ensemble_logprobs, sparse_targets, topk_from_logits, topk_from_logprobs, topk_logits,
 )
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)

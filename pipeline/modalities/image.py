@@ -149,23 +149,33 @@ def _crop_offset(size: int, crop: int, rule: str) -> int:
     return int(round((size - crop) / 2.0)) if rule == "round" else (size - crop) // 2
 
 
+def resize_tensor(t, nh: int, nw: int, prep: ImagePreprocessing):
+    """torchvision's resize of ``prep`` on uint8 tensors (..., 3, H, W) -> (..., 3, nh, nw), with
+    antialias, on their device: the backend's own functional API (v1 or v2). For the "pil"
+    backend (the GPU decode path's stand-in for PIL): v2, with PIL's NEAREST sampling pixel
+    centres, which is torchvision's "nearest-exact"."""
+    try:
+        from torchvision.transforms import InterpolationMode
+        if prep.backend == "torchvision-v1":
+            from torchvision.transforms import functional as tvf
+        else:
+            from torchvision.transforms.v2 import functional as tvf
+    except ImportError:
+        raise ImportError(f"image backend {prep.backend!r} (or --image-decode gpu) needs torchvision: "
+                          "pip install 'kdpipe[vision]'") from None
+    modes = {"nearest": InterpolationMode.NEAREST, "nearest-exact": InterpolationMode.NEAREST_EXACT,
+             "bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+    if prep.backend == "pil":
+        modes["nearest"] = InterpolationMode.NEAREST_EXACT
+    return tvf.resize(t, [nh, nw], interpolation=modes[prep.resample], antialias=True)
+
+
 def _tensor_resize(img: Image.Image, nw: int, nh: int, prep: ImagePreprocessing) -> np.ndarray:
     """Resize with torchvision on the (3, H, W) uint8 tensor -> (nh, nw, 3) uint8."""
     import torch
 
-    try:
-        from torchvision.transforms import InterpolationMode
-        if prep.backend == "torchvision-v2":
-            from torchvision.transforms.v2 import functional as tvf
-        else:
-            from torchvision.transforms import functional as tvf
-    except ImportError:
-        raise ImportError(f"image backend {prep.backend!r} needs torchvision: pip install 'kdpipe[vision]'") from None
-    modes = {"nearest": InterpolationMode.NEAREST, "nearest-exact": InterpolationMode.NEAREST_EXACT,
-             "bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
     t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
-    t = tvf.resize(t, [nh, nw], interpolation=modes[prep.resample], antialias=True)
-    return t.permute(1, 2, 0).numpy()
+    return resize_tensor(t, nh, nw, prep).permute(1, 2, 0).numpy()
 
 
 def prepare_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -212,6 +222,7 @@ def stage_image(data: bytes, prep: ImagePreprocessing, limits: DecodeLimits = DE
     if w * h > limits.max_image_pixels:  # the same check and words as decode_image's
         raise DecodeError("image_too_large", f"{w}x{h} = {w * h:,} pixels, above the limit of "
                                              f"{limits.max_image_pixels:,} (--max-image-pixels)")
-    if w == 0 or h == 0:
+    bomb = Image.MAX_IMAGE_PIXELS
+    if w == 0 or h == 0 or (bomb and w * h > 2 * bomb):  # what PIL refuses even under a raised limit
         return prepare_image(data, prep, limits)
     return EncodedImage(bytes(data), header.progressive)

@@ -50,10 +50,11 @@ class JpegHeader:
         return self.complete and self.sof in (0xC0, 0xC1, 0xC2) and self.precision == 8 and ycc
 
 
-def read_jpeg_header(data: bytes) -> JpegHeader | None:
+def read_jpeg_header(data: bytes, frame_only: bool = False) -> JpegHeader | None:
     """JPEG bytes -> their JpegHeader; None when they are not a JPEG or their structure is
     broken before a frame header is found (the caller decodes those on the CPU, which reports
-    the error as it always has)."""
+    the error as it always has). frame_only: stop at the frame header (its size is all that is
+    wanted; ``complete`` is then False)."""
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
@@ -86,6 +87,8 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
         if m in _SOF and len(seg) >= 6 and frame is None:
             frame = ((seg[3] << 8) | seg[4], (seg[1] << 8) | seg[2], seg[5], seg[0], m)
             ids = bytes(seg[6:6 + 3 * seg[5]:3])
+            if frame_only:
+                break
         elif m == 0xE0 and seg[:5] == b"JFIF\x00":
             jfif = True
         elif m == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:

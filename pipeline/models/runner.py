@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import output_lengths
+from pipeline.models.spec import build_model, parse_spec
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.modalities.frontends import make_frontend
 from pipeline.modalities.payload import encoded
@@ -73,6 +74,14 @@ class ModelRunner:
         self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
         self.pin = self.device.type == "cuda"
         self.static_rows: int | None = None  # set by compile(): predict's fixed batch size
+
+    @classmethod
+    def from_specs(cls, specs, trust, preprocessing, device=None, precision: str = "fp32") -> ModelRunner:
+        """The models of ``specs`` (parsed under ``trust``, built, on the device, eval mode)
+        with the frontend of ``preprocessing``: a teacher, an ensemble, models to evaluate."""
+        device = pick_device(device)
+        models = [build_model(parse_spec(s, trust)).to(device).eval() for s in specs]
+        return cls(models, preprocessing, device, precision)
 
     def compile(self, batch_size: int, backend: str = "inductor") -> None:
         """``torch.compile`` every model for fixed input shapes: from now on ``predict`` pads a

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_plus
 
@@ -36,9 +35,10 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.fingerprint import canonical_json
 from pipeline.models import external
 from pipeline.models.base import model_info
+from pipeline.models.spec_types import ModelSpec, SpecError
+from pipeline.models.weights import load_state_dict
 
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -51,34 +51,6 @@ MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # Seed of a model built without weights when no other seed is asked for: every teacher actor
 # (and every rerun under the same fingerprint) builds the same random teacher.
 TEACHER_INIT_SEED = 0
-
-
-class SpecError(ValueError):
-    """A model spec that cannot be resolved; the message names the spec and the problem."""
-
-
-@dataclass
-class ModelSpec:
-    """A resolved spec. ``kind`` is "checkpoint", "factory", "torchscript" or one of ``external.KINDS``."""
-
-    kind: str
-    source: str  # checkpoint dir, "module:factory", or TorchScript file
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    config: dict[str, Any] | None = None  # checkpoint config.json
-    trust: tuple[str, ...] = ()  # modules the user trusts (--trust-module), checked again at build
-
-    @property
-    def factory(self) -> str | None:
-        """The "module:function" this spec builds with (None for TorchScript)."""
-        if self.kind == "checkpoint":
-            return self.config["model"]["factory"]
-        return self.source if self.kind == "factory" else None
-
-    def describe(self) -> str:
-        if self.kind == "factory" or (self.kind in external.KINDS and self.kwargs):
-            return f"{self.source}({canonical_json(self.kwargs)})"
-        return self.source
 
 
 def _parse_value(v: str) -> Any:
@@ -256,29 +228,6 @@ def resolve_factory(target: str):
         return getattr(module, attr)
     except AttributeError:
         raise SpecError(f"model spec {target!r}: {module_name!r} has no attribute {attr!r}") from None
-
-
-def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """Weights from a safetensors file or a torch.save'd state_dict (weights_only=True)."""
-    data = storage.read_bytes(uri)
-    if uri.endswith(".safetensors") or data[8:9] == b"{":  # u64 header length, then a JSON header
-        from safetensors.torch import load as st_load
-
-        try:
-            return st_load(data)
-        except Exception as e:
-            if uri.endswith(".safetensors"):
-                raise SpecError(f"{uri}: unreadable safetensors file ({e})") from None
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SpecError(f"{uri}: not a safetensors file or a weights-only state_dict ({type(e).__name__}: {e})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SpecError(f"{uri}: expected a state_dict of tensors")
-    return obj
 
 
 def build_model(spec: ModelSpec, load_weights: bool = True, seed: int = TEACHER_INIT_SEED) -> nn.Module:

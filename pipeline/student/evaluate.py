@@ -77,10 +77,8 @@ class EvalPredictor:
     def __init__(self, checkpoints: list[str], trust: tuple, data: DataPlan, device: str, pitch: bool = False,
                  voicing_threshold: float = 0.5):
         from pipeline.models.runner import ModelRunner
-        from pipeline.models.spec import build_model
 
-        runner = ModelRunner([], data.preprocessing, device)
-        runner.models = [build_model(parse_spec(c, trust)).to(runner.device).eval() for c in checkpoints]
+        runner = ModelRunner.from_specs(checkpoints, trust, data.preprocessing, device)
         self.runner, self.data = runner, data
         self.pitch, self.threshold = pitch, voicing_threshold
         # how each model's logits say "voiced": CREPE's largest activation, or a softmax's top probability
@@ -204,7 +202,7 @@ def run(argv=None) -> int:
     try:
         totals = evaluate(args, trust, data, tasks, soft_run, pitch)
     except Exception as e:
-        from pipeline.student.train import data_error
+        from pipeline.student.errors import data_error
 
         message = data_error(e)
         if message is None:

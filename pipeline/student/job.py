@@ -33,7 +33,8 @@ from pipeline.storage import StorageError
 from pipeline.student.data import count_samples
 from pipeline.student.losses import LOSSES
 from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
-from pipeline.student.train import TRAIN_STATE, DataError, read_metrics
+from pipeline.student.errors import DataError
+from pipeline.student.train import TRAIN_STATE, read_metrics
 
 RUN_NAME = "train"
 FINAL_DIR = "final"
@@ -388,7 +389,8 @@ def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache:
     from ray.train.torch import TorchTrainer
 
     from pipeline.student.data import ShardRows
-    from pipeline.student.train import data_error, train_loop
+    from pipeline.student.errors import data_error
+    from pipeline.student.train import train_loop
 
     init_ray(args.address, args.dashboard)
     DataContext.get_current().enable_progress_bars = False

@@ -24,10 +24,12 @@ from pipeline.models.runner import ModelRunner, unwrap
 from pipeline.models.spec import CHECKPOINT_WEIGHTS, build_model, parse_spec, save_checkpoint
 from pipeline.softtargets import topk_from_logits
 from pipeline.student.data import Collate
+from pipeline.student.errors import DataError, data_error
 from pipeline.student.losses import combine, distill_loss, hard_ce
 from pipeline.student.metrics import accuracy_counts, label_positions, target_positions
 from pipeline.student.plan import LossPlan, OptimPlan, StudentPlan
 from pipeline.student.shuffle import in_background, shuffled_batches
+from pipeline.student.stats import EpochStats, StepStats
 
 # Ray Train tees print() on workers (it would show twice); its logging goes out once.
 log = logging.getLogger("kdpipe.train")
@@ -70,8 +72,9 @@ class StepLoss:
         self.plan = loss
         self.stride = teacher_stride
 
-    def __call__(self, logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[torch.Tensor, dict]:
-        """logits (B, C) or (B, S, C); s_len (B,) valid student frames (frame level) -> (loss, sums)."""
+    def __call__(self, logits: torch.Tensor, s_len: torch.Tensor | None, b: dict) -> tuple[torch.Tensor, StepStats]:
+        """logits (B, C) or (B, S, C); s_len (B,) valid student frames (frame level) -> (loss (0-d),
+        its StepStats, on the device: nothing here waits for the GPU)."""
         p = self.plan
         at_t, T, soft_w = target_positions(logits, s_len, b, self.stride)
         if T is None:
@@ -88,13 +91,12 @@ class StepLoss:
         soft = torch.where(soft_w > 0, soft, torch.zeros_like(soft))  # masked positions may hold padding garbage
         loss = combine(hard.flatten(), hard_w.flatten(), soft.flatten(), soft_w.flatten(), p.alpha)
         with torch.no_grad():
-            stats = {"hard_sum": float((hard * hard_w).sum()), "hard_n": float(hard_w.sum()),
-                     "soft_sum": float((soft * soft_w).sum()), "soft_n": float(soft_w.sum())}
+            stats = StepStats((hard * hard_w).sum(), hard_w.sum(), (soft * soft_w).sum(), soft_w.sum())
         return loss, stats
 
 
 def train_step(runner: ModelRunner, step_loss: StepLoss, opt, sched, scaler, b: dict, grad_clip: float
-               ) -> tuple[torch.Tensor, dict]:
+               ) -> tuple[torch.Tensor, StepStats]:
     """One optimizer step on batch ``b`` (tensors on the runner's device): forward under the
     precision policy, loss, backward (scaled for fp16), gradient clipping, step, schedule."""
     out = runner.forward(b["x"], b.get("lengths"))
@@ -129,33 +131,6 @@ def evaluate_shard(runner: ModelRunner, it, plan: StudentPlan, device, collate_f
     for m in runner.models:
         m.train()
     return correct, total
-
-
-class DataError(RuntimeError):
-    """Training stopped on a data error (a damaged cache, shards that do not pair): retrying
-    cannot help, so the job ends with its one-line message."""
-
-
-def data_error(e: BaseException) -> str | None:
-    """The message of a kdpipe data error (a damaged cache, shards that do not pair) anywhere
-    in an exception's chain, as raised inside a Ray task; None for any other error."""
-    from pipeline.shards import FormatError
-    from pipeline.student.data import PairingError
-
-    todo, seen = [e], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if type(e) in (FormatError, PairingError, DataError) or (
-                isinstance(e, (FormatError, PairingError, DataError)) and cause is None):
-            return str(e).strip().splitlines()[0]
-        # Ray Train's WorkerGroupError keeps each worker's error by rank
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
-        todo += [cause, e.__cause__, e.__context__]
-    return None
 
 
 def initial_model(plan: StudentPlan) -> torch.nn.Module:
@@ -200,9 +175,8 @@ def train_loop(config: dict) -> None:
     runner = ModelRunner([model], plan.data.preprocessing, device, optim.precision)
     online = None
     if plan.online_teacher:
-        from pipeline.teacher.predictor import load_teacher
-
-        online = load_teacher([plan.online_teacher], plan.trust, plan.data.preprocessing, optim.precision, device)
+        online = ModelRunner.from_specs([plan.online_teacher], plan.trust, plan.data.preprocessing, device,
+                                        optim.precision)
     step_loss = StepLoss(plan.loss, plan.data.teacher_stride)
     collate_fn = Collate(plan.data, pin=device.type == "cuda")
     train_it = ray.train.get_dataset_shard("train")
@@ -213,15 +187,13 @@ def train_loop(config: dict) -> None:
     model.train()
     while epoch < optim.epochs and not (max_steps and step >= max_steps):
         t0 = time.monotonic()
-        sums = [0.0] * 6  # loss*n, n_batches, hard_sum, hard_n, soft_sum, soft_n
-        samples = 0
+        stats = EpochStats(device)
         # Whole blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
         # shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle
         # says why not Ray's local shuffle buffer).
         blocks = train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
         batches = in_background(collate_fn(t) for t in shuffled_batches(
             blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank))
-        data_wait = 0.0  # seconds this worker waited for its next batch: high means input-bound
         while True:
             t_wait = time.monotonic()
             try:
@@ -231,7 +203,7 @@ def train_loop(config: dict) -> None:
                 if message is None:
                     raise
                 raise DataError(message) from None
-            data_wait += time.monotonic() - t_wait
+            stats.data_wait += time.monotonic() - t_wait
             if b is None:
                 break
             b = _to_device(b, device)
@@ -244,26 +216,19 @@ def train_loop(config: dict) -> None:
                     b["t_frames"] = t_out.frames
             loss, st = train_step(runner, step_loss, opt, sched, scaler, b, optim.grad_clip)
             step += 1
-            samples += int(b["x"].shape[0])
-            sums[0] += float(loss.detach())
-            sums[1] += 1
-            sums[2] += st["hard_sum"]
-            sums[3] += st["hard_n"]
-            sums[4] += st["soft_sum"]
-            sums[5] += st["soft_n"]
+            stats.add(loss, st, int(b["x"].shape[0]))
             if max_steps and step >= max_steps:
                 break
         batches.close()  # stops its thread when --steps ends the epoch early
         epoch += 1
         seconds = time.monotonic() - t0
-        red = _all_reduce(sums + [samples, data_wait], device)
+        red = stats.reduce()
         metrics = {
-            "epoch": epoch, "step": step, "loss": red[0] / max(red[1], 1),
-            "ce": red[2] / red[3] if red[3] else None, "kd": red[4] / red[5] if red[5] else None,
-            "lr": sched.get_last_lr()[0], "samples": int(red[6]), "seconds": round(seconds, 3),
-            "samples_per_s": round(red[6] / seconds, 2) if seconds > 0 else None,
+            "epoch": epoch, "step": step, "loss": red["loss"], "ce": red["ce"], "kd": red["kd"],
+            "lr": sched.get_last_lr()[0], "samples": red["samples"], "seconds": round(seconds, 3),
+            "samples_per_s": round(red["samples"] / seconds, 2) if seconds > 0 else None,
             # mean over workers of the share of the epoch spent waiting for input
-            "data_wait_share": round(red[7] / world / seconds, 3) if seconds > 0 else None,
+            "data_wait_share": round(red["data_wait"] / world / seconds, 3) if seconds > 0 else None,
         }
         if eval_it is not None:
             c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)

@@ -10,15 +10,32 @@ twice, or a retried task's leftovers can never pass as a complete shard.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 import pyarrow as pa
 
-PART, END = 0, 1  # kinds of the records actors hand the driver
-SAMPLE, ERROR, END_ROW = 0, 1, 2  # kinds of the rows decode tasks emit (END_ROW: a shard's last)
+
+
+class Record(IntEnum):
+    """Kinds of the records actors hand the driver (RECORD_SCHEMA's ``kind``)."""
+
+    PART = 0  # a part file an actor wrote
+    END = 1  # a shard's END row, passed on: how many rows, which key hash
+
+
+class Row(IntEnum):
+    """Kinds of the rows decode tasks emit (teacher.decode's ``kind``)."""
+
+    SAMPLE = 0
+    ERROR = 1  # quarantined: reason and detail
+    END = 2  # a shard's last: count and key hash of the rows before it
+
+
 MASK64 = (1 << 64) - 1
 RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()),
-    ("kind", pa.int8()),  # PART or END
+    ("kind", pa.int8()),  # Record
     ("part", pa.string()),  # PART: the file, relative to the run directory
     ("rows", pa.int64()),  # PART: soft-target rows; END: rows + errors decode emitted
     ("errors", pa.int64()),  # PART: error rows

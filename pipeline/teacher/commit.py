@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.shards import RunWriter
 from pipeline.shards.manifest import ShardRecord
-from pipeline.teacher.accounting import DECODE_COUNTS, END, MASK64, PART
+from pipeline.teacher.accounting import DECODE_COUNTS, MASK64, Record
 
 
 def fmt_duration(seconds: float) -> str:
@@ -120,12 +120,12 @@ class ShardTracker:
             if name not in self.shards:
                 raise RuntimeError(f"a record names shard {name!r}, which this run does not compute")
             st = self.pending.setdefault(name, _Shard())
-            if kind == PART:
+            if kind == Record.PART:
                 st.parts.append(part)
                 st.rows += rows + errors
                 st.key_hash = (st.key_hash + h) & MASK64
                 self.progress.update(samples=rows, errors=errors, frames=frames)
-            elif kind == END:
+            elif kind == Record.END:
                 st.expected, st.expected_hash = rows, h
             if st.expected is not None and st.rows >= st.expected:
                 self._whole(name)

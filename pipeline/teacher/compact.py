@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.shards.files import write_shard_files
 from pipeline.shards.manifest import FormatError, RunFacts, ShardRecord
 from pipeline.shards.schema import ERRORS_SCHEMA, softtarget_schema
-from pipeline.teacher.accounting import ERROR, SAMPLE, key_hash
+from pipeline.teacher.accounting import Row, key_hash
 
 
 def compact_shard(run_uri: str, facts: RunFacts, name: str, input_uri: str, parts: list[str], expected: int,
@@ -40,8 +40,8 @@ def compact_shard(run_uri: str, facts: RunFacts, name: str, input_uri: str, part
     schema = softtarget_schema(facts.level, facts.k, facts.num_classes)
     if n:
         kinds = rows.column("kind")
-        samples = rows.filter(pc.equal(kinds, SAMPLE)).select(schema.names).cast(schema)
-        errs = rows.filter(pc.equal(kinds, ERROR))
+        samples = rows.filter(pc.equal(kinds, Row.SAMPLE)).select(schema.names).cast(schema)
+        errs = rows.filter(pc.equal(kinds, Row.ERROR))
     else:
         samples, errs = schema.empty_table(), None
     if pc.count_distinct(samples.column("key")).as_py() != samples.num_rows:

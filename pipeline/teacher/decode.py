@@ -16,8 +16,7 @@ import pyarrow as pa
 from pipeline.inputs import iter_prepared
 from pipeline.modalities import DEFAULT_LIMITS, DecodeError, DecodeLimits, chunk_key
 from pipeline.modalities.payload import payload_array, payload_type
-from pipeline.teacher.accounting import END_ROW as END
-from pipeline.teacher.accounting import ERROR, SAMPLE, key_hash  # noqa: F401 (SAMPLE, ERROR, END re-exported)
+from pipeline.teacher.accounting import Row, key_hash
 
 
 def stage_schema(prep) -> pa.Schema:
@@ -66,7 +65,7 @@ class DecodeShards:
         cols = {
             "shard": pa.array([name] * n, pa.string()),
             "key": pa.array([k for k, _ in samples] + [k for k, _ in errors] + ([""] if end else []), pa.string()),
-            "kind": pa.array([SAMPLE] * n_s + [ERROR] * n_e + ([END] if end else []), pa.int8()),
+            "kind": pa.array([Row.SAMPLE] * n_s + [Row.ERROR] * n_e + ([Row.END] if end else []), pa.int8()),
             "length": pa.array([a.shape[0] if self.audio else 0 for a in arrays] + [0] * (n - n_s), pa.int64()),
             "payload": payload,
             "reason": pa.array([None] * n_s + [e.reason for _, e in errors] + ([None] if end else []), pa.string()),

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections import Counter
+from typing import TYPE_CHECKING, Callable
 
 from pipeline import storage
 from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
@@ -24,6 +25,12 @@ from pipeline.shards import FormatError, LeaseHeld, RunWriter
 from pipeline.storage import StorageError
 from pipeline.teacher.commit import Progress, ShardTracker, fmt_duration
 from pipeline.teacher.plan import ExecPlan, TeacherPlan, exec_plan, plan_teacher
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# A look at each batch of PART / END records before the driver's tracker takes it
+OnRecords = Callable[["pa.Table", ShardTracker], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv=None, tracker_cls: type[ShardTracker] = ShardTracker) -> int:
+def run(argv=None, on_records: OnRecords | None = None) -> int:
     """Entry point of jobs/pseudo_label.py; returns the process exit code.
 
-    tracker_cls: what drains the pipeline's records (a subclass of ShardTracker, e.g. one that
-    also times them: bench/benchlib.py)."""
+    on_records: called with every batch of records the pipeline yields and the tracker about
+    to take it (a bench times them: bench/benchlib.py)."""
     parser = build_parser()
     args = parse_args(parser, argv)
     early = (ConfigError, FileNotFoundError, FormatError, LeaseHeld, StorageError)
@@ -126,14 +133,14 @@ def run(argv=None, tracker_cls: type[ShardTracker] = ShardTracker) -> int:
         writer.abandon()
         parser.error(str(e))
     try:
-        return _run(args, ex, plan, refs, writer, inputs, removed, tracker_cls)
+        return _run(args, ex, plan, refs, writer, inputs, removed, on_records)
     except BaseException:
         writer.abandon()  # what was committed stays committed; the lease is given back
         raise
 
 
 def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int,
-         tracker_cls: type[ShardTracker]) -> int:
+         on_records: OnRecords | None) -> int:
     for r in refs:
         if len(r.spellings) > 1:
             print(f"[pseudo-label] warning: input {r.uri} is given {len(r.spellings)} times "
@@ -153,7 +160,7 @@ def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, i
               flush=True)
         return report(writer, progress, skipped, None, args, ex, cache_hit=True)
     todo = {inputs.names[r.uri]: (r.uri, r.size) for r in inputs.todo}
-    tracker = execute(ex, plan, writer, todo, progress, tracker_cls)
+    tracker = execute(ex, plan, writer, todo, progress, on_records)
     return report(writer, progress, skipped, tracker, args, ex, damaged=len(inputs.damaged))
 
 
@@ -287,7 +294,7 @@ def ray_compactor(run_uri: str, facts):
 
 
 def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str, tuple[str, int]],
-            progress: Progress, tracker_cls: type[ShardTracker] = ShardTracker) -> ShardTracker:
+            progress: Progress, on_records: OnRecords | None = None) -> ShardTracker:
     """Start Ray, run the pipeline, commit every shard it completes; returns the tracker (its
     ``dataset`` is the drained Ray dataset, for its stats)."""
     import ray
@@ -308,10 +315,12 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
           "to compute", flush=True)
     facts = writer.manifest.facts()
     ds = build_dataset(ex, plan, writer.uri, facts, shards, gpu, actors)
-    tracker = tracker_cls(writer, shards, progress, *ray_compactor(writer.uri, facts))
+    tracker = ShardTracker(writer, shards, progress, *ray_compactor(writer.uri, facts))
     tracker.dataset = ds
     progress.restart()  # throughput counts from here: Ray start-up is reported apart
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        if on_records is not None:
+            on_records(batch, tracker)
         tracker.add(batch)
     tracker.finish()
     return tracker

@@ -18,7 +18,7 @@ from pipeline.modalities.image import GPU_RESAMPLE
 from pipeline.models.probe import probe_output
 from pipeline.models.spec import SpecError, absolute_spec, build_model, check_trust_modules, describe_model, identity, parse_spec
 from pipeline.shards import Manifest
-from pipeline.softtargets import id_dtype
+from pipeline.shards.schema import id_dtype
 
 
 @dataclass(frozen=True)
@@ -169,9 +169,10 @@ def plan_teacher(args, first_shard: str) -> TeacherPlan:
 
 def image_decode_place(args, resample: str) -> str:
     """--image-decode -> where the teacher's JPEGs are decoded ("cpu" or "gpu"; part of the
-    preprocessing, so of the fingerprint). auto: "gpu" when the teacher actors get a GPU
-    (--device cuda; --device auto with GPUs in the cluster, which connects to it), the resize
-    filter has a GPU implementation and torchvision is installed; else "cpu", today's path."""
+    preprocessing, so of the fingerprint). auto: what --output's existing run used, so a rerun
+    resumes it whatever GPUs there are now; for a new run "gpu" when the teacher actors get a
+    GPU (--device cuda; --device auto with GPUs in the cluster, which connects to it), the
+    resize filter has a GPU implementation and torchvision is installed; else "cpu", today's path."""
     import importlib.util
     import os
 
@@ -189,6 +190,13 @@ def image_decode_place(args, resample: str) -> str:
         if reasons:
             raise ConfigError(f"--image-decode gpu: {reasons[0]}")
         return "gpu"
+    existing = _existing_decode(args.output)
+    if existing == "gpu" and reasons:
+        raise ConfigError(f"--image-decode auto: {args.output} holds soft targets whose JPEGs were decoded on the GPU, "
+                          f"and this run cannot do that ({reasons[0]}); run where the teacher gets a GPU, or use "
+                          "another --output")
+    if existing is not None:
+        return existing
     if reasons:
         return "cpu"
     if device == "cuda":
@@ -199,3 +207,19 @@ def image_decode_place(args, resample: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     init_ray(args.address, args.dashboard)
     return "gpu" if use_gpu(device) else "cpu"
+
+
+def _existing_decode(output: str) -> str | None:
+    """The decode place of the image run already in ``output``; None without one (or with a
+    manifest that cannot be read: the run writer says what is wrong with it)."""
+    from pipeline.shards import FormatError
+    from pipeline.shards.manifest import read_manifest
+    from pipeline.storage import StorageError
+
+    try:
+        m = read_manifest(output)
+    except (FormatError, StorageError, OSError):
+        return None
+    if m is None or m.modality != "image":
+        return None
+    return (m.preprocessing or {}).get("decode", "cpu")

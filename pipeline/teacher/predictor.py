@@ -49,15 +49,11 @@ from pipeline.modalities.image import JPEG, JPEG_PROGRESSIVE, PIXELS
 from pipeline.modalities.payload import encoded
 from pipeline.modalities.staging import StagingBuffer, payload_batch
 from pipeline.models.runner import ModelRunner
-from pipeline.models.spec import build_model, parse_spec
 from pipeline.shards.files import node_id
 from pipeline.shards.manifest import PARTS_DIR, RunFacts
 from pipeline.shards.schema import softtarget_schema, table_from_topk
 from pipeline.softtargets import TopK, ensemble_logprobs, topk_from_logits, topk_from_logprobs
-from pipeline.teacher.accounting import END as END_RECORD
-from pipeline.teacher.accounting import PART, key_hash, records_table
-from pipeline.teacher.accounting import END_ROW as END
-from pipeline.teacher.accounting import ERROR, SAMPLE
+from pipeline.teacher.accounting import Record, Row, key_hash, records_table
 
 
 def part_schema(level: str, k: int, num_classes: int) -> pa.Schema:
@@ -85,13 +81,6 @@ def _topk_and_finite(out, k: int, level: str) -> tuple[TopK, torch.Tensor]:
             ok = torch.isfinite(logits).all(-1)
         finite = ok if finite is None else finite & ok
     return topk, finite
-
-
-def load_teacher(specs, trust, preprocessing, precision: str, device) -> ModelRunner:
-    """The teacher's models (eval mode, on the device) in a ModelRunner."""
-    runner = ModelRunner([], preprocessing, device, precision)
-    runner.models = [build_model(parse_spec(s, trust)).to(runner.device).eval() for s in specs]
-    return runner
 
 
 class _Slot:
@@ -128,7 +117,7 @@ class TeacherPredictor:
                  concurrency: int = 1, compile_batch: int | None = None):
         """runner: the loaded teacher to use instead of loading ``specs`` (in-process benches);
         compile_batch: torch.compile the teacher for batches of this many rows (ModelRunner.compile)."""
-        self.runner = runner or load_teacher(specs, trust, preprocessing, precision, device)
+        self.runner = runner or ModelRunner.from_specs(specs, trust, preprocessing, device, precision)
         if compile_batch and runner is None:
             self.runner.compile(compile_batch)
         self.facts = facts
@@ -142,11 +131,11 @@ class TeacherPredictor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         kinds = table.column("kind").to_numpy()
-        samples = table if (kinds == SAMPLE).all() else table.filter(pa.array(kinds == SAMPLE))
+        samples = table if (kinds == Row.SAMPLE).all() else table.filter(pa.array(kinds == Row.SAMPLE))
         slot = self._slots.get()
         try:  # the slot's buffers back the tables until their parts are written
             parts = [self._predict(samples, slot)] if samples.num_rows else []
-            errs = table.filter(pa.array(kinds == ERROR))
+            errs = table.filter(pa.array(kinds == Row.ERROR))
             if errs.num_rows:
                 parts.append(self._errors(errs.column("key"), errs.column("reason"), errs.column("detail"),
                                           errs.column("shard")))
@@ -154,16 +143,16 @@ class TeacherPredictor:
             records = self._write_parts(out) if out is not None else []
         finally:
             self._slots.put(slot)
-        ends = table.filter(pa.array(kinds == END))
+        ends = table.filter(pa.array(kinds == Row.END))
         for name, count, h in zip(ends.column("shard").to_pylist(), ends.column("count").to_pylist(),
                                   ends.column("key_hash").to_pylist()):
-            records.append({"shard": name, "kind": END_RECORD, "rows": count, "key_hash": h})
+            records.append({"shard": name, "kind": Record.END, "rows": count, "key_hash": h})
         return records_table(records)
 
     def _errors(self, keys, reasons, details, shards) -> pa.Table:
         n = len(keys)
         cols = {f.name: pa.nulls(n, f.type) for f in self.schema}
-        cols.update(key=keys, kind=pa.array(np.full(n, ERROR, np.int8)), reason=reasons, detail=details)
+        cols.update(key=keys, kind=pa.array(np.full(n, Row.ERROR, np.int8)), reason=reasons, detail=details)
         return _with_side_columns(pa.table(cols, schema=self.schema), shards, np.full(n, NO_PATH, np.int8))
 
     def _on_device(self, samples: pa.Table, slot: _Slot):
@@ -235,7 +224,7 @@ class TeacherPredictor:
             st = table_from_topk(good_keys, topk, f.level, f.k, f.num_classes, frames)
             n = len(good)
             cols = {c: st.column(c) for c in st.column_names}
-            cols.update(kind=pa.array(np.full(n, SAMPLE, np.int8)), reason=pa.nulls(n, pa.string()),
+            cols.update(kind=pa.array(np.full(n, Row.SAMPLE, np.int8)), reason=pa.nulls(n, pa.string()),
                         detail=pa.nulls(n, pa.string()))
             part = pa.table(cols).cast(self.schema)
             parts.append(_with_side_columns(part, samples.column("shard").take(pa.array(good)), paths[good]))
@@ -281,8 +270,8 @@ class TeacherPredictor:
             frames = 0
             if self.facts.level == "frame":
                 frames = int(pc.sum(part.column("num_frames")).as_py() or 0)
-            records.append({"shard": name, "kind": PART, "part": rel, "rows": int((kinds == SAMPLE).sum()),
-                            "errors": int((kinds == ERROR).sum()), "frames": frames,
+            records.append({"shard": name, "kind": Record.PART, "part": rel, "rows": int((kinds == Row.SAMPLE).sum()),
+                            "errors": int((kinds == Row.ERROR).sum()), "frames": frames,
                             "key_hash": key_hash(part.column("key")), "bytes": len(data),
                             "node": self.node, **decode_counts(paths)})
         return records

@@ -13,7 +13,8 @@ import torch
 
 from pipeline.fingerprint import fingerprint
 from pipeline.shards import Manifest, RunWriter, rows_from_topk, table_from_rows
-from pipeline.softtargets import id_dtype, topk_from_logits
+from pipeline.shards.schema import id_dtype
+from pipeline.softtargets import topk_from_logits
 
 
 def make_manifest(level: str, k: int, num_classes: int, encoding: str, teacher: str = "teacher-a", **over) -> Manifest:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline.shards import LEVELS, VALUE_COLUMNS, RunWriter, SoftTargetRun, rows_from_topk, table_from_rows
-from pipeline.shards.schema import LOGPROB_FLOOR
-from pipeline.softtargets import TopK, id_dtype, topk_from_logits
+from pipeline.shards.schema import LOGPROB_FLOOR, id_dtype
+from pipeline.softtargets import TopK, topk_from_logits
 
 ENCODINGS = ("parquet", "webdataset")
 EXT = {"parquet": ".parquet", "webdataset": ".tar"}

@@ -113,7 +113,7 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     loss, stats = StepLoss(plan)(logits, s_len, b)
     per = kd_kl(logits, tk.ids, tk.logprobs, 2.0)  # (B, T)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)  # min(student 5, teacher 4) for row 2
-    assert stats["soft_n"] == 11
+    assert stats.soft_n == 11
     assert loss.item() == pytest.approx(per[mask].mean().item(), rel=1e-5)
     # Garbage in masked frames changes nothing.
     logits2 = logits.clone()
@@ -122,7 +122,7 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     # A confidence threshold drops the frames below it.
     thr = float(tk.confidence.median())
     _, stats = StepLoss(replace(plan, confidence_threshold=thr))(logits, s_len, b)
-    assert stats["soft_n"] == int(((tk.confidence >= thr) & mask).sum())
+    assert stats.soft_n == int(((tk.confidence >= thr) & mask).sum())
     # --loss hard with --label-blur: the blurred teacher top-1 and blurred labels, through the same step
     b["flabels"] = torch.tensor([[0, 2, -1, 4, 1, 3, 3], [1, 1, 1, -1, 0, -1, -1]])
     hp = replace(plan, loss="hard", label_blur=1.25)
@@ -130,7 +130,7 @@ def test_frame_loss_is_masked_by_lengths_and_confidence():
     lab_mask = (b["flabels"] >= 0) & torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
     want = (hard_ce(logits, b["flabels"], 1.25)[lab_mask].sum() + hard_ce(logits, tk.ids[..., 0], 1.25)[mask].sum()) \
         / (lab_mask.sum() + mask.sum())
-    assert stats["hard_n"] == int(lab_mask.sum()) and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert stats.hard_n == int(lab_mask.sum()) and loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert StepLoss(replace(hp, label_blur=0.0))(logits, s_len, b)[0].item() != pytest.approx(loss.item(), rel=1e-3)
     with pytest.raises(ValueError, match="out of range"):
         hard_ce(logits, torch.full((B, T), C), blur=1.25)
@@ -156,3 +156,15 @@ def test_sparse_teacher_frames_meet_every_kth_student_frame():
     assert T == 3 and torch.equal(at_t, logits[:, [0, 4, 8]])
     # row 2: 5 valid student frames cover teacher frames 0 and 1 (student 0, 4); it has 2 teacher frames
     assert valid.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_epoch_stats_add_up_on_the_device_and_are_read_once():
+    from pipeline.student.stats import EpochStats, StepStats
+
+    s = EpochStats(torch.device("cpu"))
+    s.add(torch.tensor(2.0), StepStats(*map(torch.tensor, (3.0, 2.0, 5.0, 4.0))), 8)
+    s.add(torch.tensor(4.0), StepStats(*map(torch.tensor, (1.0, 2.0, 0.0, 0.0))), 4)
+    s.data_wait = 1.5
+    assert s.reduce() == {"loss": 3.0, "ce": 1.0, "kd": 1.25, "samples": 12, "data_wait": 1.5}
+    empty = EpochStats(torch.device("cpu")).reduce()
+    assert empty["ce"] is None and empty["kd"] is None and empty["loss"] == 0.0

@@ -139,6 +139,61 @@ def test_device_decode_matches_the_cpu_path_and_keeps_every_row(files, device):
         assert diff.max() <= most and diff.mean() < mean, (n, diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("backend", ["pil", "torchvision-v2", "torchvision-v1"])
+def test_every_gpu_filter_matches_the_cpu_path(files, backend):
+    """On a CPU device: the torchvision backends resize with the CPU path's own code (the same
+    pixels); PIL's filters are matched to a grey level (bilinear, bicubic), and its NEAREST,
+    which samples pixel centres, by torchvision's nearest-exact (a neighbour now and then)."""
+    from pipeline.modalities.device_decode import decode_batch
+    from pipeline.modalities.image import GPU_RESAMPLE
+
+    names = ["baseline", "progressive", "tall", "grey"]
+    for resample in GPU_RESAMPLE:
+        for mode in ("shorter", "shortest_edge", "exact"):
+            kw = dict(resize=37, crop=32, resample=resample, backend=backend, resize_mode=mode)
+            gpu, cpu = ImagePreprocessing(**kw, decode="gpu"), ImagePreprocessing(**kw)
+            dec = decode_batch(pa.chunked_array([payload_array([stage_image(files[n], gpu) for n in names], gpu)]),
+                               gpu, "cpu")
+            for i, n in enumerate(names):
+                diff = np.abs(dec.x[i].numpy().astype(int) - prepare_image(files[n], cpu).astype(int))
+                if backend != "pil":
+                    most, mean = 0, 0.0
+                elif resample.startswith("nearest"):
+                    most, mean = 255, 1.5
+                else:
+                    most, mean = 1, 0.3
+                assert diff.max() <= most and diff.mean() <= mean, (resample, mode, n, diff.max(), diff.mean())
+
+
+def test_refused_and_chunked_rows_keep_their_place(files, monkeypatch):
+    """Rows the device decoder refuses are decoded on the host with the CPU path (the same
+    pixels as a CPU-decoded cache, counted as CPU_FALLBACK); small chunks change nothing."""
+    import pipeline.modalities.device_decode as dd
+
+    names = ["baseline", "png", "progressive", "tall", "grey", "bad_huffman", "same_size"]
+    col = pa.chunked_array([payload_array([stage_image(files[n], GPU) for n in names], GPU)])
+    whole = dd.decode_batch(col, GPU, "cpu")
+    chunked = dd.decode_batch(col, GPU, "cpu", chunk_pixels=1)  # every image a chunk of its own
+    assert torch.equal(whole.x, chunked.x) and np.array_equal(whole.paths, chunked.paths)
+    real = dd._decode
+
+    def refusing(encoded, device):  # the device decoder refuses the tall and the grey image
+        out = real(encoded, device)
+        return [RuntimeError("nvjpeg refused it") if e.numel() in (len(files["tall"]), len(files["grey"])) else o
+                for e, o in zip(encoded, out)]
+
+    monkeypatch.setattr(dd, "_decode", refusing)
+    dec = dd.decode_batch(col, GPU, "cpu")
+    assert dec.paths.tolist() == [dd.JPEG, dd.PIXELS, dd.JPEG_PROGRESSIVE, dd.CPU_FALLBACK, dd.CPU_FALLBACK, dd.JPEG,
+                                  dd.JPEG]
+    assert list(dec.errors) == [5] and dec.ok.tolist() == [n != "bad_huffman" for n in names]
+    rows = dict(zip([n for n in names if n != "bad_huffman"], dec.x.numpy()))
+    for n in ("tall", "grey", "png"):  # the CPU path's own pixels
+        assert np.array_equal(rows[n], prepare_image(files[n], CPU)), n
+    for n in ("baseline", "progressive", "same_size"):
+        assert np.array_equal(rows[n], whole.x.numpy()[names.index(n) - (names.index(n) > 5)]), n
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_predictor_decodes_on_its_device_and_counts_paths(files, tmp_path, device):
     """Decode tasks -> predictor (decode="gpu", 3 calls at once) -> tracker: every key once,
@@ -201,17 +256,36 @@ def test_predictor_decodes_on_its_device_and_counts_paths(files, tmp_path, devic
 
 def test_image_decode_flag(tmp_path):
     from pipeline.config import ConfigError
+    from pipeline.shards import RunWriter
     from pipeline.teacher.job import build_parser
     from pipeline.teacher.plan import plan_teacher
 
-    base = ["--input", "x", "--output", "y", "--teacher", "pipeline.models.zoo:image_cnn?width=8", "--modality", "image"]
-    parse = build_parser().parse_args
+    out = str(tmp_path / "out")
+    base = ["--input", "x", "--output", out, "--teacher", "pipeline.models.zoo:image_cnn?width=8", "--modality", "image"]
+
+    def plan(*flags):
+        return plan_teacher(build_parser().parse_args(base + list(flags)), "unused")
+
     with pytest.raises(ConfigError, match=r"^--image-decode gpu: --device cpu gives the teacher no GPU$"):
-        plan_teacher(parse(base + ["--image-decode", "gpu", "--device", "cpu"]), "unused")
-    # auto on a machine without a GPU: today's path, the same fingerprint as --image-decode cpu
-    auto = plan_teacher(parse(base), "unused")
+        plan("--image-decode", "gpu", "--device", "cpu")
+    with pytest.raises(ConfigError, match=r"^--image-decode gpu: the 'lanczos' resize filter has no GPU"):
+        plan("--image-decode", "gpu", "--device", "cuda", "--image-resample", "lanczos")
+    # auto without a GPU for the teacher: today's path, the same fingerprint as --image-decode cpu
+    auto = plan("--device", "cpu")
     assert auto.preprocessing.decode == "cpu" and "decode" not in auto.preprocessing.to_dict()
-    assert auto.fingerprint == plan_teacher(parse(base + ["--image-decode", "cpu"]), "unused").fingerprint
+    assert auto.fingerprint == plan("--image-decode", "cpu").fingerprint
+    # auto with GPU actors: on the GPU, unless --output's run was decoded on the CPU: then as it was
+    assert plan("--device", "cuda").preprocessing.decode == "gpu"
+    RunWriter(out, auto.manifest("parquet")).close()
+    resumed = plan("--device", "cuda")
+    assert resumed.preprocessing.decode == "cpu" and resumed.fingerprint == auto.fingerprint
+    gpu_run = str(tmp_path / "gpu")
+    base[base.index(out)] = gpu_run
+    RunWriter(gpu_run, plan("--device", "cuda").manifest("parquet")).close()
+    assert plan("--device", "cuda").preprocessing.decode == "gpu"
+    with pytest.raises(ConfigError, match=r"holds soft targets whose JPEGs were decoded on the GPU, and this run "
+                                          r"cannot do that \(--device cpu gives the teacher no GPU\)"):
+        plan("--device", "cpu")
 
 
 def test_students_decode_a_gpu_decoded_cache_on_the_cpu():

@@ -10,10 +10,10 @@ import torch
 
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.shards import RunWriter, SoftTargetRun
-from pipeline.teacher.accounting import END, PART, key_hash
+from pipeline.teacher.accounting import Record, Row, key_hash
 from pipeline.teacher.commit import Progress, ShardTracker
 from pipeline.teacher.compact import compact_shard
-from pipeline.teacher.decode import DecodeShards, ERROR, SAMPLE
+from pipeline.teacher.decode import DecodeShards
 from pipeline.teacher.plan import TeacherPlan
 from pipeline.teacher.predictor import TeacherPredictor
 from tests.helpers import flac_bytes, tone, write_tar
@@ -50,16 +50,16 @@ def test_decode_end_row_accounts_for_every_key(shard):
     assert len(tables) >= 3  # buckets of 3 samples, the last one carrying END
     rows = pa.concat_tables(tables)
     kinds = rows.column("kind").to_numpy()
-    keys = [k for k, kind in zip(rows.column("key").to_pylist(), kinds) if kind != 2]
+    keys = [k for k, kind in zip(rows.column("key").to_pylist(), kinds) if kind != Row.END]
     assert sorted(keys) == sorted([*waves, "bad"])
-    (end,) = np.nonzero(kinds == 2)[0]
+    (end,) = np.nonzero(kinds == Row.END)[0]
     assert end == len(kinds) - 1
     assert rows.column("count")[int(end)].as_py() == 8
     assert rows.column("key_hash")[int(end)].as_py() == key_hash(keys)
     for t in tables:  # each bucket is sorted by length: little padding per teacher batch
-        lengths = [n for n, kind in zip(t.column("length").to_pylist(), t.column("kind").to_pylist()) if kind == SAMPLE]
+        lengths = [n for n, kind in zip(t.column("length").to_pylist(), t.column("kind").to_pylist()) if kind == Row.SAMPLE]
         assert lengths == sorted(lengths)
-    assert [r for r, k in zip(rows.column("reason").to_pylist(), kinds) if k == ERROR] == ["corrupt_audio"]
+    assert [r for r, k in zip(rows.column("reason").to_pylist(), kinds) if k == Row.ERROR] == ["corrupt_audio"]
 
 
 def test_predictor_parts_tracker_and_compaction(shard, tmp_path):
@@ -76,7 +76,7 @@ def test_predictor_parts_tracker_and_compaction(shard, tmp_path):
     rows = pa.concat_tables(decoded)
     batches = [rows.slice(5, 4), rows.slice(0, 5)]
     records = [predictor(b) for b in batches]
-    parts = [r for t in records for r in t.to_pylist() if r["kind"] == PART]
+    parts = [r for t in records for r in t.to_pylist() if r["kind"] == Record.PART]
     assert len(parts) == 2 and all((tmp_path / "run" / p["part"]).exists() for p in parts)
     assert sum(p["rows"] + p["errors"] for p in parts) == 8
     assert sum(t.nbytes for t in records) < 2000  # records, not soft targets, go to the driver
@@ -118,8 +118,8 @@ def test_tracker_refuses_a_shard_whose_parts_do_not_add_up(tmp_path):
 
     tracker = ShardTracker(writer, {"s": ("/in/s.tar", 1)}, Progress(1, 1, 0, 3600), None, None)
     # a part came twice (a retried task's leftovers): the count may match, the key hash does not
-    end = records_table([{"shard": "s", "kind": END, "rows": 4, "key_hash": key_hash(["a", "b", "c", "d"])}])
-    part = records_table([{"shard": "s", "kind": PART, "part": "p", "rows": 2, "errors": 0, "frames": 0,
+    end = records_table([{"shard": "s", "kind": Record.END, "rows": 4, "key_hash": key_hash(["a", "b", "c", "d"])}])
+    part = records_table([{"shard": "s", "kind": Record.PART, "part": "p", "rows": 2, "errors": 0, "frames": 0,
                            "key_hash": key_hash(["a", "b"])}])
     tracker.add(end)
     with pytest.raises(RuntimeError, match="key hash"):
@@ -159,7 +159,6 @@ def test_concurrent_calls_record_exactly_their_own_rows(tmp_path, device):
 
     import pyarrow.parquet as pq
 
-    from pipeline.teacher.accounting import END_ROW  # the decode row (END is the actor's record)
     from pipeline.teacher.job import build_parser
     from pipeline.teacher.plan import plan_teacher
 
@@ -214,26 +213,26 @@ def test_concurrent_calls_record_exactly_their_own_rows(tmp_path, device):
         kinds = batch.column("kind").to_numpy()
         for r in rec.to_pylist():
             mine = [k for k, s, kind in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), kinds)
-                    if s == r["shard"] and kind != END_ROW]
-            if r["kind"] == END:
-                end = batch.filter(pa.array((kinds == END_ROW) & (np.array(batch.column("shard").to_pylist()) == r["shard"])))
+                    if s == r["shard"] and kind != Row.END]
+            if r["kind"] == Record.END:
+                end = batch.filter(pa.array((kinds == Row.END) & (np.array(batch.column("shard").to_pylist()) == r["shard"])))
                 assert (r["rows"], r["key_hash"]) == (end.column("count")[0].as_py(), end.column("key_hash")[0].as_py())
                 continue
             part = pq.read_table(tmp_path / "concurrent" / r["part"])
             assert sorted(part.column("key").to_pylist()) == sorted(mine)  # this call's rows of that shard, no other
             assert r["key_hash"] == key_hash(mine)
-            assert (r["rows"], r["errors"]) == (int(pc_count(part, SAMPLE)), int(pc_count(part, ERROR)))
+            assert (r["rows"], r["errors"]) == (int(pc_count(part, Row.SAMPLE)), int(pc_count(part, Row.ERROR)))
             seen += mine
             parts.setdefault(r["shard"], []).append(r["part"])
     assert sorted(seen) == sorted(k for k, kind in zip(rows.column("key").to_pylist(), rows.column("kind").to_numpy())
-                                  if kind != END_ROW)  # every key once
+                                  if kind != Row.END)  # every key once
     seq_out, seq_writer, seq_facts, seq_records, _ = run("sequential", 1)
     for name, uri in uris.items():
-        end = rows.filter(pa.array((rows.column("kind").to_numpy() == END_ROW)
+        end = rows.filter(pa.array((rows.column("kind").to_numpy() == Row.END)
                                    & (np.array(rows.column("shard").to_pylist()) == name)))
         count, h = end.column("count")[0].as_py(), end.column("key_hash")[0].as_py()
         compact_shard(out, facts, name, uri, parts[name], count, h)
-        seq_parts = [r["part"] for rec in seq_records for r in rec.to_pylist() if r["kind"] == PART and r["shard"] == name]
+        seq_parts = [r["part"] for rec in seq_records for r in rec.to_pylist() if r["kind"] == Record.PART and r["shard"] == name]
         compact_shard(seq_out, seq_facts, name, uri, seq_parts, count, h)
         for sub in ("shards", "errors"):
             assert (tmp_path / "concurrent" / sub / f"{name}.parquet").read_bytes() == \
@@ -273,7 +272,7 @@ def test_a_failed_call_gives_its_slot_back(shard, tmp_path):
         pred(batch)
     pred.runner.predict = real
     records = pred(batch).to_pylist()  # would wait forever for a slot that was not given back
-    assert sum(r["rows"] + r["errors"] for r in records if r["kind"] == PART) == 8
+    assert sum(r["rows"] + r["errors"] for r in records if r["kind"] == Record.PART) == 8
     writer.abandon()
 
 

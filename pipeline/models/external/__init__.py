@@ -25,8 +25,10 @@ import importlib
 from typing import Any
 from urllib.parse import parse_qsl
 
+from pipeline.models.spec_types import EXTERNAL_KINDS, ModelSpec, SpecError
+
 PREFIXES = ("hf:", "timm:", "torchvision:", "onnx:")
-KINDS = ("hf", "timm", "torchvision", "onnx")
+KINDS = EXTERNAL_KINDS
 EXTRAS = {"transformers": "hf", "timm": "vision", "torchvision": "vision", "onnxruntime": "onnx"}
 
 
@@ -36,8 +38,6 @@ def is_external(spec: str) -> bool:
 
 def require(module: str, kind: str):
     """Import an optional dependency, or raise a one-line SpecError naming the extra."""
-    from pipeline.models.spec import SpecError
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -59,7 +59,6 @@ def _value(v: str) -> Any:
 def parse(text: str):
     """'hf:PATH?k=v' etc. -> ModelSpec(kind, source='KIND:TARGET', kwargs, weights)."""
     from pipeline import storage
-    from pipeline.models.spec import ModelSpec, SpecError
 
     kind, _, rest = text.partition(":")
     target, _, query = rest.partition("?")

@@ -51,7 +51,7 @@ from torch import nn
 from pipeline import storage
 from pipeline.fingerprint import canonical_json
 from pipeline.models.external import digest_files, local_copy, require
-from pipeline.models.spec import SpecError
+from pipeline.models.spec_types import SpecError
 
 TASKS = {
     # task: (transformers mapping, modality, level)

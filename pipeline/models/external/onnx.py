@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.models.external import digest_files, local_copy, require
-from pipeline.models.spec import SpecError
+from pipeline.models.spec_types import SpecError
 
 _FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _INTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}

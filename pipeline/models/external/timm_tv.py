@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from pipeline.models.external import require
-from pipeline.models.spec import SpecError, load_state_dict
+from pipeline.models.spec_types import SpecError
+from pipeline.models.weights import load_state_dict
 
 
 class ImageClassifier(nn.Module):
