@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 
@@ -253,7 +254,17 @@ def _fsync_dir(directory: str) -> None:
 
 @_reaching("remove")
 def remove(uri: str) -> None:
+    """Remove a file or a directory tree; nothing if absent."""
     fs, path = filesystem(uri)
+    if not is_remote(uri):
+        # Not fsspec's local rm: it compares each path with os.getcwd(), which raises once the
+        # process's working directory is gone, as Ray's runtime-env cache can delete a
+        # `ray job submit --working-dir` driver's while the job still runs.
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=False)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

@@ -66,6 +66,36 @@ def _kill_mid_run(argv, out, condition, timeout=240, before_kill=None):
     proc.wait()
 
 
+def test_working_directory_deleted_mid_run(tmp_path):
+    """`ray job submit --working-dir` drivers run in a directory Ray's runtime-env cache may
+    delete while the job still runs (issue 23): relative flags mean what they meant at start,
+    and the run completes and cleans up without its working directory."""
+    import shutil
+
+    waves = audio_corpus(tmp_path / "in", shards=4, per_shard=4, seed=23)
+    wd, out = tmp_path / "wd", tmp_path / "st"
+    wd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pseudo_label.py"), "--input", "../in",
+                             "--output", "../st", "--teacher", SLOW, "--batch-size", "2"], cwd=wd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "_parts").exists():  # the teacher is writing: the job is past start-up
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
+        shutil.rmtree(wd)
+        text = proc.communicate(timeout=240)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, text[-3000:]
+    keys = _keys(str(out))
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(waves)
+    assert not (out / "_parts").exists()  # cleaned up without a working directory
+
+
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     waves = audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=21)
     out = tmp_path / "st"
