@@ -34,9 +34,10 @@ from pipeline.shards.files import read_errors, read_shard_table
 from pipeline.shards.manifest import RunFacts, ShardRecord
 from pipeline.shards.schema import softtarget_schema
 from pipeline.student.plan import DataPlan
+from pipeline.student.tasks import LABELED, PSEUDO, ShardTask
 
 log = logging.getLogger("kdpipe.data")
-PSEUDO, LABELED = 0, 1
+SRC_PSEUDO, SRC_LABELED = 0, 1  # the "src" column: a row with teacher targets, or a labeled row
 LP_PAD = -1e4  # log-prob of padded target slots: exp() is 0, and never -inf (no 0 * inf)
 F0_FRAME_MS = 10.0  # .f0.npy reference contours are per 10 ms frame (pipeline.pitch)
 
@@ -57,7 +58,7 @@ def train_schema(data: DataPlan) -> pa.Schema:
     """Columns of a training row; teacher columns are null on labeled rows."""
     return pa.schema([
         ("key", pa.string()),
-        ("src", pa.int8()),  # PSEUDO (teacher targets) or LABELED
+        ("src", pa.int8()),  # SRC_PSEUDO (teacher targets) or SRC_LABELED
         ("payload", payload_type(data.preprocessing)),
         ("label", pa.int64()),  # utterance label, -1 if none
         ("flabels", pa.list_(pa.int16())),  # frame labels at the student's frame rate (empty if none)
@@ -128,10 +129,9 @@ class _Block:
 class ShardRows:
     """Ray Data UDF (CPU task): shard tasks -> ``train_schema`` tables.
 
-    A task row is {kind, name, input, record}: kind "pseudo" pairs input shard ``input``
-    with the soft-target shard whose commit record (JSON) is ``record``; "labeled" decodes
-    ``input`` with its labels (.cls / .frames.npy members); "raw" decodes it, labels where
-    present (online distillation).
+    Its rows are ShardTask rows (student.tasks): PSEUDO pairs the input shard with the
+    soft-target shard of its commit record; LABELED decodes the input with its labels
+    (.cls / .frames.npy members); RAW decodes it, labels where present (online distillation).
     """
 
     def __init__(self, data: DataPlan, run_uri: str | None = None, facts: RunFacts | None = None,
@@ -148,11 +148,11 @@ class ShardRows:
         self.student_shift = data.frame_shift_ms or data.label_frame_shift_ms
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
-        for kind, name, uri, rec in zip(batch["kind"], batch["name"], batch["input"], batch["record"]):
-            if kind == "pseudo":
-                yield from self.pseudo(str(name), str(uri), ShardRecord.from_dict(_json(rec), f"task {name}"))
-            else:  # "labeled", or "raw" (decode only: online distillation)
-                yield from self.labeled(str(uri), require_labels=(kind == "labeled"))
+        for task in ShardTask.from_batch(batch):
+            if task.kind == PSEUDO:
+                yield from self.pseudo(task.name, task.input, task.record)
+            else:  # LABELED, or RAW (decode only: online distillation)
+                yield from self.labeled(task.input, require_labels=(task.kind == LABELED))
 
     # -- rows -----------------------------------------------------------------------------
     def _table(self, block: _Block, src: int, targets: pa.Table | None = None) -> pa.Table:
@@ -214,10 +214,10 @@ class ShardRows:
                 block.f0.append(self._chunk(f0, bounds, F0_FRAME_MS) if f0 is not None and self.data.level == "frame"
                                 else np.zeros(0, np.float32))
             if len(block) >= self.data.rows_per_block:
-                yield self._table(block, LABELED)
+                yield self._table(block, SRC_LABELED)
                 block = _Block()
         if len(block):
-            yield self._table(block, LABELED)
+            yield self._table(block, SRC_LABELED)
         if skipped:  # unusable labeled samples are skipped, and said so (they reach the job's log)
             log.warning(f"{uri}: skipped {sum(skipped.values())} unusable sample(s): {skipped}")
 
@@ -244,7 +244,7 @@ class ShardRows:
             # Rows of the pool carry no labels even where the shard has them: labeled data
             # comes in through --labeled, at its own ratio, so nothing leaks in by accident.
             sub.labels = [-1] * len(keep)
-            return self._table(sub, PSEUDO, targets.take(pa.array(take)))
+            return self._table(sub, SRC_PSEUDO, targets.take(pa.array(take)))
 
         for raw, pieces in self._samples(uri, self.pool_options):
             if isinstance(pieces, DecodeError):
@@ -264,12 +264,6 @@ class ShardRows:
             missing = st_keys.take(pa.array(np.nonzero(~matched)[0])).to_pylist()
             raise PairingError(f"shard {name}: {len(missing)} soft-target key(s) not found in input shard {uri}, "
                                f"e.g. {missing[:3]}")
-
-
-def _json(text) -> dict:
-    import json
-
-    return json.loads(str(text))
 
 
 def _fixed_values(col, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +33,7 @@ from pipeline.student.data import F0_FRAME_MS, collate
 from pipeline.student.losses import kd_kl
 from pipeline.student.metrics import accuracy_counts, target_positions
 from pipeline.student.plan import DataPlan
+from pipeline.student.tasks import LABELED, PSEUDO, ShardTask
 
 STAT_NAMES = ("correct", "total", "agree", "kl_sum", "t_total")
 PITCH_STATS = ("voiced", "unvoiced", "pitch_ok", "chroma_ok", "voiced_hit", "false_alarm", "abs_cents_sum")
@@ -174,11 +174,9 @@ def run(argv=None) -> int:
             if damaged:
                 name, why = sorted(damaged.items())[0]
                 raise ConfigError(f"--input {args.input[0]}: {len(damaged)} shard(s) damaged, e.g. {name}: {why}")
-            tasks = [{"kind": "pseudo", "name": n, "input": m.shards[n].input,
-                      "record": json.dumps(asdict(m.shards[n]))} for n in soft_run.shard_names]
+            tasks = [ShardTask(PSEUDO, n, m.shards[n].input, m.shards[n]) for n in soft_run.shard_names]
         else:
-            tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri, "record": ""}
-                     for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)]
+            tasks = [ShardTask(LABELED, shard_name(r.uri), r.uri) for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)]
         pitch = args.task == "pitch" or (args.task == "auto" and ck["level"] == "frame" and ck["num_classes"] == 360)
         if pitch and (ck["level"] != "frame" or ck["num_classes"] != 360):
             raise ConfigError(f"--task pitch: needs a frame-level model over CREPE's 360 pitch bins, not "
@@ -251,7 +249,7 @@ def model_result(args, checkpoint: str, i: int, ck: dict, totals: dict, soft_run
     return result
 
 
-def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: SoftTargetRun | None,
+def evaluate(args, trust: tuple, data: DataPlan, tasks: list[ShardTask], soft_run: SoftTargetRun | None,
              pitch: bool = False) -> dict:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -264,7 +262,7 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[dict], soft_run: So
     rows = ShardRows(data, soft_run.uri if soft_run else None, soft_run.facts if soft_run else None,
                      {"key_column": args.key_column, "data_column": args.data_column},
                      soft_run.manifest.input_options if soft_run else None)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map_batches(rows, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused
     ds = ds.map_batches(EvalPredictor, batch_size=args.batch_size, batch_format="pyarrow",
                         fn_constructor_kwargs={"checkpoints": list(args.checkpoint), "trust": trust, "data": data,

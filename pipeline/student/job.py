@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 
 from pipeline import storage
 from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray, limits_from_args, \
@@ -32,8 +31,9 @@ from pipeline.softtargets import TAIL_MODES
 from pipeline.storage import StorageError
 from pipeline.student.data import count_samples
 from pipeline.student.losses import LOSSES
-from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
 from pipeline.student.errors import DataError
+from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
+from pipeline.student.tasks import LABELED, PSEUDO, RAW, ShardTask
 from pipeline.student.train import TRAIN_STATE, read_metrics
 
 RUN_NAME = "train"
@@ -223,7 +223,7 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
     if online_info and args.top_k is not None:
         stored_k = args.top_k
 
-    tasks: list[dict] = []
+    tasks: list[ShardTask] = []
     n_pseudo = 0
     if run is not None:
         moved = {}
@@ -242,12 +242,11 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
             rec = records[name]
             if args.input and name not in moved:
                 raise ConfigError(f"--input: no shard named {name!r} (needed by the soft-target run)")
-            tasks.append({"kind": "pseudo", "name": name, "input": moved.get(name, rec.input),
-                          "record": json.dumps(asdict(rec))})
+            tasks.append(ShardTask(PSEUDO, name, moved.get(name, rec.input), rec))
             n_pseudo += rec.rows
     if args.online_teacher:
         for r in storage.expand_shards(args.input, SHARD_EXTENSIONS):
-            tasks.append({"kind": "raw", "name": shard_name(r.uri), "input": r.uri, "record": ""})
+            tasks.append(ShardTask(RAW, shard_name(r.uri), r.uri))
             n_pseudo += count_samples(r.uri)
     n_labeled = 0
     if args.labeled:
@@ -262,12 +261,11 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
             r = args.labeled_ratio
             rep = max(1, round(r * n_pseudo / ((1 - r) * n_lab_once)))
         for i in range(rep):
-            tasks += [{"kind": "labeled", "name": f"{shard_name(u)}#{i}", "input": u, "record": ""} for u, _ in lab]
+            tasks += [ShardTask(LABELED, f"{shard_name(u)}#{i}", u) for u, _ in lab]
         n_labeled = rep * n_lab_once
     eval_tasks = []
     if args.eval:
-        eval_tasks = [{"kind": "labeled", "name": shard_name(r.uri), "input": r.uri, "record": ""}
-                      for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)]
+        eval_tasks = [ShardTask(LABELED, shard_name(r.uri), r.uri) for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)]
 
     rows = n_pseudo + n_labeled
     steps_per_epoch = max(1, math.ceil(rows / args.workers / args.batch_size))
@@ -378,7 +376,7 @@ def run(argv=None) -> int:
     return 0
 
 
-def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache: SoftTargetRun | None):
+def fit(args, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTask], cache: SoftTargetRun | None):
     """Build the datasets and run the TorchTrainer; returns Ray Train's Result.
 
     A worker-group failure is retried from the latest checkpoint up to --max-failures times
@@ -406,8 +404,8 @@ def fit(args, sp: StudentPlan, tasks: list[dict], eval_tasks: list[dict], cache:
                      {"key_column": args.key_column, "data_column": args.data_column},
                      cache.manifest.input_options if cache else None)
 
-    def dataset(items: list[dict], shuffle: bool, seed: int):
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    def dataset(items: list[ShardTask], shuffle: bool, seed: int):
+        ds = ray.data.from_items([t.to_row() for t in items], override_num_blocks=len(items))
         if shuffle:  # a new shard order every epoch (every execution), reproducible from the seed
             ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         return ds.map_batches(rows, batch_size=1, num_cpus=1)

@@ -166,7 +166,7 @@ def test_opening_a_500_shard_run_for_training_reads_each_shard_once(tmp_path):
     assert driver_opens <= 3, opened  # manifest.json + the index (the listing for sizes opens nothing)
     rows = ShardRows(sp.data, cache.uri, cache.facts)
     for t in tasks:
-        batch = {c: [t[c]] for c in ("kind", "name", "input", "record")}
+        batch = {c: [v] for c, v in t.to_row().items()}
         assert sum(tb.num_rows for tb in rows(batch)) == 1
     task_opens = opened[driver_opens:]
     assert len(task_opens) == 2 * n  # each shard's soft targets and errors file, once

@@ -131,7 +131,7 @@ def test_student_and_evaluation_apply_the_same_rule(hostile, tmp_path, capsys):
                                                           "--output", str(tmp_path / "o")]))
     rows = ShardRows(sp.data, cache.uri, cache.facts)
     (task,) = tasks
-    keys = [k for t in rows({c: [task[c]] for c in ("kind", "name", "input", "record")})
+    keys = [k for t in rows({c: [v] for c, v in task.to_row().items()})
             for k in t.column("key").to_pylist()]
     assert sorted(keys) == sorted(["a", "b", "c", "v1.2/d", "../../e"])  # the first c, nothing else
     from pipeline.models.spec import build_model, parse_spec, save_checkpoint
