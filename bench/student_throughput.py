@@ -309,6 +309,7 @@ def train_once(cfg: dict, args, work: str, name: str, extra: list[str], rep: int
             "worker_cpu_ms": role_ms("RayTrainWorker"), "data_cpu_ms": role_ms("ShardRows"),
             "samples_per_epoch": hist[-1]["samples"], "loss": hist[-1]["loss"],
             "data_wait_share": hist[-1].get("data_wait_share"),
+            "phases": hist[-1].get("phases"), "phases_seconds": hist[-1].get("seconds"),
             "peak_driver_rss": r.tree.peak_driver_rss, "peak_worker_rss": r.tree.peak_worker_rss,
             "cpu_by_role": r.tree.cpu_by_role}
 
@@ -329,7 +330,8 @@ def aggregate(runs: list[dict]) -> dict:
             "peak_driver_rss": max(r["peak_driver_rss"] for r in runs),
             "peak_worker_rss": max(r["peak_worker_rss"] for r in runs), "repeats": len(runs),
             "loss": runs[-1]["loss"], "samples_per_epoch": runs[-1]["samples_per_epoch"],
-            "data_wait_share": runs[-1]["data_wait_share"]}
+            "data_wait_share": runs[-1]["data_wait_share"], "phases": runs[-1]["phases"],
+            "phases_seconds": runs[-1]["phases_seconds"]}
 
 
 def epochs_done(metrics_path: str) -> int:
@@ -484,6 +486,15 @@ def report(cfg: dict, costs: dict, table: dict, decode_task_ms: float | None) ->
     for k, v in table.items():
         print(f"  {names[k]:<34}{v['steady']:>10,.1f}{v['best']:>10,.1f}{fmt(v['worker_cpu_ms']):>12}"
               f"{fmt(v['data_cpu_ms']):>10}   {', '.join(f'{x:,.1f}' for x in v['per_epoch'])}")
+    print("  where a worker's last epoch went (seconds, mean per worker; pipeline.student.stats.PHASES; the input "
+          "thread's block wait, shuffle and collate overlap the loop's own):")
+    for k, v in table.items():
+        ph = v.get("phases")
+        if ph:
+            loop = ph["input_wait"] + ph["h2d"] + ph["step"]
+            print(f"  {k:<7} epoch {v['phases_seconds']:.2f}: input thread: block wait {ph['block_wait']:.2f}, shuffle "
+                  f"{ph['shuffle']:.2f}, collate {ph['collate']:.2f} | loop: input wait {ph['input_wait']:.2f}, "
+                  f"copy {ph['h2d']:.2f}, step {ph['step']:.2f}, other {v['phases_seconds'] - loop:.2f}")
     for k, v in table.items():
         if v["repeats"] > 1:
             cpu_each = ", ".join(f"{x:.2f}" if x is not None else "-" for x in v["worker_cpu_ms_each"])

@@ -32,7 +32,7 @@ from pipeline.storage import StorageError
 from pipeline.student.data import count_samples
 from pipeline.student.losses import LOSSES
 from pipeline.student.errors import DataError
-from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentPlan
+from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentExec, StudentPlan
 from pipeline.student.tasks import LABELED, PSEUDO, RAW, ShardTask
 from pipeline.student.train import TRAIN_STATE, read_metrics
 
@@ -337,13 +337,14 @@ def run(argv=None) -> int:
         _validate(args)
         _absolute_paths(args)
         sp, tasks, eval_tasks, cache = plan(args)
+        ex = exec_plan(args)
         done = _final_done(args, sp)
     except (ConfigError, FormatError, FileNotFoundError, StorageError) as e:
         parser.error(str(e))
     c = sp.counts
     print(f"[train] {sp.data.modality} {sp.data.level}-level student {sp.factory} on {c['pseudo']:,} "
           f"soft-target + {c['labeled']:,} labeled samples per epoch; {sp.optim.epochs} epoch(s), "
-          f"{c['steps_per_epoch']} steps/epoch, {args.workers} worker(s)", flush=True)
+          f"{c['steps_per_epoch']} steps/epoch, {ex.workers} worker(s)", flush=True)
     if done is not None:
         print(f"[train] already complete: {storage.join(args.output, FINAL_DIR)} is at epoch {done.get('epoch')}, "
               f"step {done.get('step')}; nothing to do", flush=True)
@@ -352,7 +353,7 @@ def run(argv=None) -> int:
         return 0
     t0 = time.monotonic()
     try:
-        result = fit(args, sp, tasks, eval_tasks, cache)
+        result = fit(ex, sp, tasks, eval_tasks, cache)
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -376,7 +377,14 @@ def run(argv=None) -> int:
     return 0
 
 
-def fit(args, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTask], cache: SoftTargetRun | None):
+def exec_plan(args) -> StudentExec:
+    """The flags that say how the job runs, frozen before Ray starts."""
+    return StudentExec(args.workers, args.cpus_per_worker, args.device, args.address, args.dashboard, args.max_failures,
+                       args.keep_checkpoints, args.key_column, args.data_column)
+
+
+def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTask],
+        cache: SoftTargetRun | None):
     """Build the datasets and run the TorchTrainer; returns Ray Train's Result.
 
     A worker-group failure is retried from the latest checkpoint up to --max-failures times
@@ -390,18 +398,18 @@ def fit(args, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTas
     from pipeline.student.errors import data_error
     from pipeline.student.train import train_loop
 
-    init_ray(args.address, args.dashboard)
+    init_ray(ex.address, ex.dashboard)
     DataContext.get_current().enable_progress_bars = False
-    gpu = use_gpu(args.device)
+    gpu = use_gpu(ex.device)
     cpus = ray.cluster_resources().get("CPU", 0)
-    if args.workers * args.cpus_per_worker > cpus - 1:
-        msg = (f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} leaves less than one of the "
+    if ex.workers * ex.cpus_per_worker > cpus - 1:
+        msg = (f"--workers {ex.workers} x --cpus-per-worker {ex.cpus_per_worker} leaves less than one of the "
                f"cluster's {cpus:g} CPUs for decoding the data; lower --cpus-per-worker (e.g. 0.5)")
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
+        if not (ex.address or os.environ.get("RAY_ADDRESS")):
             raise SystemExit(msg)  # a fixed local Ray would wait forever
         print(f"[train] warning: {msg}, unless the cluster autoscales", flush=True)
     rows = ShardRows(sp.data, cache.uri if cache else None, cache.facts if cache else None,
-                     {"key_column": args.key_column, "data_column": args.data_column},
+                     {"key_column": ex.key_column, "data_column": ex.data_column},
                      cache.manifest.input_options if cache else None)
 
     def dataset(items: list[ShardTask], shuffle: bool, seed: int):
@@ -410,19 +418,19 @@ def fit(args, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTas
             ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         return ds.map_batches(rows, batch_size=1, num_cpus=1)
 
-    path, fs = _storage(args.output)
-    for attempt in range(args.max_failures + 1):
-        datasets = {"train": dataset(tasks, shuffle=True, seed=args.seed + attempt)}
+    path, fs = _storage(sp.output)
+    for attempt in range(ex.max_failures + 1):
+        datasets = {"train": dataset(tasks, shuffle=True, seed=sp.optim.seed + attempt)}
         if eval_tasks:
             datasets["eval"] = dataset(eval_tasks, shuffle=False, seed=0)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"plan": sp},
-            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpu,
-                                         resources_per_worker={"CPU": args.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": ex.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=0),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=ex.keep_checkpoints)),
             datasets=datasets,
         )
         try:
@@ -437,8 +445,8 @@ def fit(args, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTas
         message = data_error(error)
         if message:
             raise DataError(message)
-        if attempt == args.max_failures:
+        if attempt == ex.max_failures:
             raise error
         print(f"[train] worker group failed ({type(error).__name__}); restarting from the latest checkpoint "
-              f"({attempt + 1}/{args.max_failures})", flush=True)
+              f"({attempt + 1}/{ex.max_failures})", flush=True)
     raise AssertionError("unreachable")

@@ -96,3 +96,19 @@ class StudentPlan:
                 "frame_shift_ms": self.data.frame_shift_ms, "preprocessing": self.data.preprocessing.to_dict(),
                 "class_names": list(self.class_names) if self.class_names else None,
                 "softtargets_fingerprint": self.softtargets_fingerprint, "plan": self.to_dict()}
+
+
+@dataclass(frozen=True)
+class StudentExec:
+    """How the student job runs on Ray; none of it changes what is trained (StudentPlan).
+    Built from the flags before Ray starts, the only thing ``fit`` reads besides the plan."""
+
+    workers: int
+    cpus_per_worker: float
+    device: str  # auto | cuda | cpu
+    address: str | None
+    dashboard: bool
+    max_failures: int  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int
+    key_column: str | None  # how labeled / raw Parquet shards are read
+    data_column: str | None

@@ -191,9 +191,11 @@ def train_loop(config: dict) -> None:
         # Whole blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
         # shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle
         # says why not Ray's local shuffle buffer).
-        blocks = train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
-        batches = in_background(collate_fn(t) for t in shuffled_batches(
-            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank))
+        blocks = stats.timed(train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4),
+                             "block_wait")
+        collate = stats.call(collate_fn, "collate")
+        batches = in_background(collate(t) for t in stats.timed(shuffled_batches(
+            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
         while True:
             t_wait = time.monotonic()
             try:
@@ -206,7 +208,7 @@ def train_loop(config: dict) -> None:
             stats.data_wait += time.monotonic() - t_wait
             if b is None:
                 break
-            b = _to_device(b, device)
+            b = stats.call(_to_device, "h2d")(b, device)
             if online is not None:  # online distillation: the teacher runs in the loop
                 t_out = online.predict(b["x"], b.get("lengths"))
                 tk = topk_from_logits(t_out.logits[0], plan.data.stored_k)
@@ -214,9 +216,11 @@ def train_loop(config: dict) -> None:
                          has_t=torch.ones_like(b["has_t"]))
                 if t_out.frames is not None:
                     b["t_frames"] = t_out.frames
+            t_step = time.monotonic()
             loss, st = train_step(runner, step_loss, opt, sched, scaler, b, optim.grad_clip)
             step += 1
             stats.add(loss, st, int(b["x"].shape[0]))
+            stats.seconds["step"] += time.monotonic() - t_step
             if max_steps and step >= max_steps:
                 break
         batches.close()  # stops its thread when --steps ends the epoch early
@@ -229,6 +233,8 @@ def train_loop(config: dict) -> None:
             "samples_per_s": round(red["samples"] / seconds, 2) if seconds > 0 else None,
             # mean over workers of the share of the epoch spent waiting for input
             "data_wait_share": round(red["data_wait"] / world / seconds, 3) if seconds > 0 else None,
+            # where the epoch went, mean seconds per worker (stats.PHASES)
+            "phases": {p: round(s / world, 3) for p, s in red["phases"].items()},
         }
         if eval_it is not None:
             c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)

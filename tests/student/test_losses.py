@@ -159,12 +159,18 @@ def test_sparse_teacher_frames_meet_every_kth_student_frame():
 
 
 def test_epoch_stats_add_up_on_the_device_and_are_read_once():
-    from pipeline.student.stats import EpochStats, StepStats
+    from pipeline.student.stats import PHASES, EpochStats, StepStats
 
     s = EpochStats(torch.device("cpu"))
     s.add(torch.tensor(2.0), StepStats(*map(torch.tensor, (3.0, 2.0, 5.0, 4.0))), 8)
     s.add(torch.tensor(4.0), StepStats(*map(torch.tensor, (1.0, 2.0, 0.0, 0.0))), 4)
+    assert list(s.timed(iter([1, 2, 3]), "shuffle")) == [1, 2, 3] and s.call(lambda a: a + 1, "collate")(1) == 2
+    s.seconds.update(shuffle=3.0, block_wait=1.0, collate=0.5, h2d=0.25, step=2.0)
     s.data_wait = 1.5
-    assert s.reduce() == {"loss": 3.0, "ce": 1.0, "kd": 1.25, "samples": 12, "data_wait": 1.5}
+    r = s.reduce()
+    assert {k: r[k] for k in ("loss", "ce", "kd", "samples", "data_wait")} == {
+        "loss": 3.0, "ce": 1.0, "kd": 1.25, "samples": 12, "data_wait": 1.5}
+    # the input thread's shuffle time, less the block waits made inside it
+    assert r["phases"] == dict(zip(PHASES, (1.0, 2.0, 0.5, 1.5, 0.25, 2.0)))
     empty = EpochStats(torch.device("cpu")).reduce()
     assert empty["ce"] is None and empty["kd"] is None and empty["loss"] == 0.0
