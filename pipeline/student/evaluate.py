@@ -24,8 +24,8 @@ from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
-from pipeline.models.probe import probe_output
-from pipeline.models.spec import SpecError, build_model, check_trust_modules, describe_model, parse_spec
+from pipeline.models.facts import declare, frame_stride, resolve
+from pipeline.models.spec import SpecError, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.shards.manifest import MANIFEST_FILE
 from pipeline.storage import StorageError
@@ -128,26 +128,20 @@ def model_facts(args, checkpoint: str, trust: tuple) -> dict:
     """modality, level, num_classes, frame_shift_ms, preprocessing of a --checkpoint: from a
     checkpoint's config.json, else from the model itself (what it declares, flags on top, and
     a forward pass for the output shape)."""
-    spec = parse_spec(checkpoint, trust)
-    if spec.kind == "checkpoint":
+    try:
+        spec = parse_spec(checkpoint, trust)
+    except (SpecError, FileNotFoundError) as e:
+        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+    if spec.kind == "checkpoint":  # its config.json says it all, without building the model
         return dict(spec.config)
-    model = build_model(spec)
-    info = describe_model(spec, model)
-    modality = info["modality"] or (info["preprocessing"] or {}).get("modality")
+    d = declare(checkpoint, trust, "--checkpoint")
+    modality = d.modality or (d.preprocessing or {}).get("modality")
     if modality is None:
         raise ConfigError(f"--checkpoint {checkpoint}: the model does not say its modality; give a checkpoint "
                           "or a model that declares it")
-    prep = resolve_preprocessing(modality, info["preprocessing"], args)
-    try:
-        out = probe_output(model, prep)
-    except Exception as e:
-        raise ConfigError(f"--checkpoint {checkpoint}: forward pass on a blank {modality} input failed "
-                          f"({type(e).__name__}: {e}); check the preprocessing flags") from None
-    level = "frame" if out.dim() == 3 else "utterance"
-    if level == "frame" and not info["frame_shift_ms"]:
-        raise ConfigError(f"--checkpoint {checkpoint}: a frame-level model must declare frame_shift_ms")
-    return {"modality": modality, "level": level, "num_classes": int(out.shape[-1]),
-            "frame_shift_ms": info["frame_shift_ms"], "preprocessing": prep}
+    f = resolve(d, modality, resolve_preprocessing(modality, d.preprocessing, args), "--checkpoint")
+    return {"modality": f.modality, "level": f.level, "num_classes": f.num_classes,
+            "frame_shift_ms": d.frame_shift_ms, "preprocessing": f.preprocessing}
 
 
 def run(argv=None) -> int:
@@ -183,11 +177,7 @@ def run(argv=None) -> int:
                               f"{ck['level']} level with {ck['num_classes']} classes")
         stride = 1
         if soft_run and ck["level"] == "frame":
-            ratio = soft_run.manifest.frame_shift_ms / ck["frame_shift_ms"]
-            if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
-                raise ConfigError(f"--input {args.input[0]}: teacher frames {soft_run.manifest.frame_shift_ms} ms apart "
-                                  f"are not a whole multiple of the model's {ck['frame_shift_ms']} ms")
-            stride = int(round(ratio))
+            stride = frame_stride(soft_run.manifest.frame_shift_ms, ck["frame_shift_ms"], f"--input {args.input[0]}")
         data = DataPlan(modality=ck["modality"], level=ck["level"],
                         preprocessing=preprocessing_from_dict(ck["preprocessing"]), num_classes=ck["num_classes"],
                         stored_k=soft_run.manifest.k if soft_run else 1,

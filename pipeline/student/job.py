@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray, limits_from_args, \
@@ -23,15 +24,14 @@ from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags
 from pipeline.config import ConfigError, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
-from pipeline.models.probe import probe_output
-from pipeline.models.spec import (CHECKPOINT_CONFIG, SpecError, absolute_spec, build_model, check_trust_modules,
-                                  describe_model, parse_spec)
+from pipeline.models.facts import Declared, ModelFacts, declare, frame_stride, resolve
+from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, absolute_spec, check_trust_modules
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.softtargets import TAIL_MODES
 from pipeline.storage import StorageError
 from pipeline.student.data import count_samples
-from pipeline.student.losses import LOSSES
 from pipeline.student.errors import DataError
+from pipeline.student.losses import LOSSES
 from pipeline.student.plan import DataPlan, LossPlan, OptimPlan, StudentExec, StudentPlan
 from pipeline.student.tasks import LABELED, PSEUDO, RAW, ShardTask
 from pipeline.student.train import TRAIN_STATE, read_metrics
@@ -155,129 +155,44 @@ def pad_samples(prep: dict, pad_ms: float) -> int:
     return max(1, round(prep["sample_rate"] * pad_ms / 1000))
 
 
-def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | None]:
-    """Resolve and check everything; returns (plan, train tasks, eval tasks, the cache)."""
-    run = None
-    manifest = None
+@dataclass(frozen=True)
+class Setup:
+    """What planning resolved: the plan, the shard tasks of the training and eval datasets, and
+    the soft-target cache (None: labels only, or online distillation)."""
+
+    plan: StudentPlan
+    tasks: list[ShardTask]
+    eval_tasks: list[ShardTask]
+    cache: SoftTargetRun | None
+
+
+def plan(args) -> Setup:
+    """Resolve and check everything, before Ray starts."""
     try:
         trust = check_trust_modules(args.trust_module)
     except SpecError as e:
         raise ConfigError(str(e)) from None
-    if args.soft_targets:
-        run = SoftTargetRun(args.soft_targets)  # O(1) requests: the manifest and its commit log
-        manifest = run.manifest
-    try:
-        student = parse_spec(args.student, trust)
-        if student.kind not in ("factory", "checkpoint"):
-            raise ConfigError(f"--student {args.student}: a {student.kind} model cannot be trained by kdpipe (it can "
-                              "teach); give a 'package.module:factory' spec or a kdpipe checkpoint")
-        model = build_model(student)
-    except SpecError as e:
-        raise ConfigError(f"--student: {e}") from None
-    info = describe_model(student, model)
-
-    online_info = None
-    if args.online_teacher:
-        try:
-            t_spec = parse_spec(args.online_teacher, trust)
-            online_info = describe_model(t_spec, build_model(t_spec))
-        except SpecError as e:
-            raise ConfigError(f"--online-teacher: {e}") from None
-
-    modality = (manifest.modality if manifest else None) or info["modality"] or (online_info or {}).get("modality")
-    if modality is None:
-        raise ConfigError("cannot tell the modality: the student does not declare it and there is no soft-target run")
-    if info["modality"] and info["modality"] != modality:
-        raise ConfigError(f"--student is a {info['modality']} model but the data is {modality}")
-    base_prep = (manifest.preprocessing if manifest else None) or info["preprocessing"] or \
-        (online_info or {}).get("preprocessing")
-    prep = resolve_preprocessing(modality, base_prep, args)
-    try:
-        out = probe_output(model, prep)
-    except Exception as e:
-        raise ConfigError(f"--student {args.student}: forward pass on a blank {modality} input failed "
-                          f"({type(e).__name__}: {e})") from None
-    level = "frame" if out.dim() == 3 else "utterance"
-    num_classes = int(out.shape[-1])
-    frame_shift = info["frame_shift_ms"] if level == "frame" else None
-    if level == "frame" and frame_shift is None:
-        raise ConfigError(f"--student {args.student}: a frame-level student must declare frame_shift_ms")
-
-    stored_k, teacher_stride = num_classes, 1
-    if manifest is not None:
-        where = f"--soft-targets {args.soft_targets}"
-        if manifest.level != level:
-            raise ConfigError(f"{where}: the cache is {manifest.level} level but the student outputs {level} level")
-        if manifest.num_classes != num_classes:
-            raise ConfigError(f"{where}: the cache has {manifest.num_classes} classes but the student outputs {num_classes}")
-        if level == "frame":
-            ratio = manifest.frame_shift_ms / frame_shift
-            if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
-                raise ConfigError(f"{where}: the teacher's frames are {manifest.frame_shift_ms} ms apart but the "
-                                  f"student's are {frame_shift} ms; the student's frame rate must match the teacher's "
-                                  "or be a whole multiple of it (every k-th student frame is then distilled)")
-            teacher_stride = int(round(ratio))
-        stored_k = manifest.k
-    if args.top_k is not None and not 1 <= args.top_k <= stored_k:
-        raise ConfigError(f"--top-k {args.top_k}: must be between 1 and the stored k={stored_k}")
-    if online_info and args.top_k is not None:
-        stored_k = args.top_k
-
-    tasks: list[ShardTask] = []
-    n_pseudo = 0
-    if run is not None:
-        moved = {}
-        if args.input:
-            moved = {shard_name(r.uri): r.uri for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)}
-        records = manifest.shards
-        if not records:
-            raise ConfigError(f"--soft-targets {args.soft_targets}: the run has no complete shard")
-        # Before any worker starts: every listed file is there, at the size the log says.
-        damaged = run.verify()
-        if damaged:
-            name, why = sorted(damaged.items())[0]
-            raise ConfigError(f"--soft-targets {args.soft_targets}: {len(damaged)} shard(s) damaged, e.g. {name}: "
-                              f"{why}; rerun pseudo_label.py on that run to recompute them")
-        for name in run.shard_names:
-            rec = records[name]
-            if args.input and name not in moved:
-                raise ConfigError(f"--input: no shard named {name!r} (needed by the soft-target run)")
-            tasks.append(ShardTask(PSEUDO, name, moved.get(name, rec.input), rec))
-            n_pseudo += rec.rows
-    if args.online_teacher:
-        for r in storage.expand_shards(args.input, SHARD_EXTENSIONS):
-            tasks.append(ShardTask(RAW, shard_name(r.uri), r.uri))
-            n_pseudo += count_samples(r.uri)
-    n_labeled = 0
-    if args.labeled:
-        lab = [(r.uri, count_samples(r.uri)) for r in storage.expand_shards(args.labeled, SHARD_EXTENSIONS)]
-        n_lab_once = sum(n for _, n in lab)
-        rep = 1
-        if args.labeled_repeat is not None:
-            if args.labeled_repeat < 1:
-                raise ConfigError("--labeled-repeat must be >= 1")
-            rep = args.labeled_repeat
-        elif tasks and n_lab_once:
-            r = args.labeled_ratio
-            rep = max(1, round(r * n_pseudo / ((1 - r) * n_lab_once)))
-        for i in range(rep):
-            tasks += [ShardTask(LABELED, f"{shard_name(u)}#{i}", u) for u, _ in lab]
-        n_labeled = rep * n_lab_once
-    eval_tasks = []
-    if args.eval:
-        eval_tasks = [ShardTask(LABELED, shard_name(r.uri), r.uri) for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)]
-
+    cache = SoftTargetRun(args.soft_targets) if args.soft_targets else None  # O(1) requests
+    manifest = cache.manifest if cache else None
+    student, online = _models(args, trust, manifest)
+    stored_k, teacher_stride = _targets(args, student, manifest, online is not None)
+    tasks, n_pseudo = _pseudo_tasks(args, cache)
+    labeled, n_labeled = _labeled_tasks(args, n_pseudo if tasks else 0)
+    tasks += labeled
+    eval_tasks = [ShardTask(LABELED, shard_name(r.uri), r.uri)
+                  for r in storage.expand_shards(args.eval, SHARD_EXTENSIONS)] if args.eval else []
     rows = n_pseudo + n_labeled
     steps_per_epoch = max(1, math.ceil(rows / args.workers / args.batch_size))
     total = args.steps or steps_per_epoch * args.epochs
     epochs = args.epochs if not args.steps else max(args.epochs, math.ceil(args.steps / steps_per_epoch))
-    alpha = args.alpha if (run is not None or args.online_teacher) else 1.0  # labels only: all CE
-    if (run is not None or args.online_teacher) and not args.labeled and alpha == 1.0:
+    alpha = args.alpha if (cache is not None or online) else 1.0  # labels only: all CE
+    if (cache is not None or online) and not args.labeled and alpha == 1.0:
         raise ConfigError("--alpha 1 puts all weight on labels, but there is no labeled data")
-    data = DataPlan(modality=modality, level=level, preprocessing=preprocessing_from_dict(prep),
-                    num_classes=num_classes, stored_k=stored_k, label_frame_shift_ms=args.label_frame_shift_ms,
-                    frame_shift_ms=frame_shift, teacher_stride=teacher_stride, limits=limits_from_args(args),
-                    pad_samples=pad_samples(prep, args.pad_ms))
+    data = DataPlan(modality=student.modality, level=student.level,
+                    preprocessing=preprocessing_from_dict(student.preprocessing), num_classes=student.num_classes,
+                    stored_k=stored_k, label_frame_shift_ms=args.label_frame_shift_ms,
+                    frame_shift_ms=student.frame_shift_ms, teacher_stride=teacher_stride, limits=limits_from_args(args),
+                    pad_samples=pad_samples(student.preprocessing, args.pad_ms))
     loss = LossPlan(loss=args.loss, temperature=args.temperature, k=args.top_k, tail=args.tail, alpha=alpha,
                     confidence_threshold=args.confidence_threshold, label_blur=args.label_blur)
     optim = OptimPlan(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -287,12 +202,101 @@ def plan(args) -> tuple[StudentPlan, list[dict], list[dict], SoftTargetRun | Non
                       seed=args.seed, precision=args.precision, checkpoint_every=args.checkpoint_every)
     names = manifest.class_names if manifest else None
     sp = StudentPlan(
-        student=str(args.student), trust=trust, factory=student.factory, kwargs=dict(student.kwargs),
-        num_classes=num_classes, class_names=tuple(names) if names else None,
-        softtargets=args.soft_targets, softtargets_fingerprint=manifest.fingerprint if manifest else None,
-        online_teacher=args.online_teacher, output=args.output, has_eval=bool(eval_tasks), data=data, loss=loss,
-        optim=optim, counts={"pseudo": n_pseudo, "labeled": n_labeled, "steps_per_epoch": steps_per_epoch})
-    return sp, tasks, eval_tasks, run
+        student=str(args.student), trust=trust, factory=student.declared.spec.factory,
+        kwargs=dict(student.declared.spec.kwargs), num_classes=student.num_classes,
+        class_names=tuple(names) if names else None, softtargets=args.soft_targets,
+        softtargets_fingerprint=manifest.fingerprint if manifest else None, online_teacher=args.online_teacher,
+        output=args.output, has_eval=bool(eval_tasks), data=data, loss=loss, optim=optim,
+        counts={"pseudo": n_pseudo, "labeled": n_labeled, "steps_per_epoch": steps_per_epoch})
+    return Setup(sp, tasks, eval_tasks, cache)
+
+
+def _models(args, trust: tuple, manifest) -> tuple[ModelFacts, Declared | None]:
+    """The student (resolved against the data) and the online teacher (declared), if any."""
+    student = declare(str(args.student), trust, "--student")
+    if student.spec.kind not in ("factory", "checkpoint"):
+        raise ConfigError(f"--student {args.student}: a {student.spec.kind} model cannot be trained by kdpipe (it can "
+                          "teach); give a 'package.module:factory' spec or a kdpipe checkpoint")
+    online = declare(args.online_teacher, trust, "--online-teacher") if args.online_teacher else None
+    modality = (manifest.modality if manifest else None) or student.modality or (online.modality if online else None)
+    if modality is None:
+        raise ConfigError("cannot tell the modality: the student does not declare it and there is no soft-target run")
+    if student.modality and student.modality != modality:
+        raise ConfigError(f"--student is a {student.modality} model but the data is {modality}")
+    base_prep = (manifest.preprocessing if manifest else None) or student.preprocessing or \
+        (online.preprocessing if online else None)
+    prep = resolve_preprocessing(modality, base_prep, args)
+    return resolve(student, modality, prep, "--student"), online
+
+
+def _targets(args, student: ModelFacts, manifest, online: bool) -> tuple[int, int]:
+    """(classes stored per target, student frames per teacher frame), checked against the cache."""
+    stored_k, teacher_stride = student.num_classes, 1
+    if manifest is not None:
+        where = f"--soft-targets {args.soft_targets}"
+        if manifest.level != student.level:
+            raise ConfigError(f"{where}: the cache is {manifest.level} level but the student outputs {student.level} "
+                              "level")
+        if manifest.num_classes != student.num_classes:
+            raise ConfigError(f"{where}: the cache has {manifest.num_classes} classes but the student outputs "
+                              f"{student.num_classes}")
+        if student.level == "frame":
+            teacher_stride = frame_stride(manifest.frame_shift_ms, student.frame_shift_ms, where)
+        stored_k = manifest.k
+    if args.top_k is not None and not 1 <= args.top_k <= stored_k:
+        raise ConfigError(f"--top-k {args.top_k}: must be between 1 and the stored k={stored_k}")
+    if online and args.top_k is not None:
+        stored_k = args.top_k
+    return stored_k, teacher_stride
+
+
+def _pseudo_tasks(args, cache: SoftTargetRun | None) -> tuple[list[ShardTask], int]:
+    """The cache's shards paired with their inputs (--input: where they are now), or the raw
+    inputs of online distillation; and how many samples they hold."""
+    tasks: list[ShardTask] = []
+    n = 0
+    if cache is not None:
+        moved = {}
+        if args.input:
+            moved = {shard_name(r.uri): r.uri for r in storage.expand_shards(args.input, SHARD_EXTENSIONS)}
+        records = cache.manifest.shards
+        if not records:
+            raise ConfigError(f"--soft-targets {args.soft_targets}: the run has no complete shard")
+        # Before any worker starts: every listed file is there, at the size the log says.
+        damaged = cache.verify()
+        if damaged:
+            name, why = sorted(damaged.items())[0]
+            raise ConfigError(f"--soft-targets {args.soft_targets}: {len(damaged)} shard(s) damaged, e.g. {name}: "
+                              f"{why}; rerun pseudo_label.py on that run to recompute them")
+        for name in cache.shard_names:
+            rec = records[name]
+            if args.input and name not in moved:
+                raise ConfigError(f"--input: no shard named {name!r} (needed by the soft-target run)")
+            tasks.append(ShardTask(PSEUDO, name, moved.get(name, rec.input), rec))
+            n += rec.rows
+    if args.online_teacher:
+        for r in storage.expand_shards(args.input, SHARD_EXTENSIONS):
+            tasks.append(ShardTask(RAW, shard_name(r.uri), r.uri))
+            n += count_samples(r.uri)
+    return tasks, n
+
+
+def _labeled_tasks(args, n_pseudo: int) -> tuple[list[ShardTask], int]:
+    """--labeled shards, repeated to --labeled-ratio of the epoch (or --labeled-repeat times);
+    and the samples they add per epoch."""
+    if not args.labeled:
+        return [], 0
+    lab = [(r.uri, count_samples(r.uri)) for r in storage.expand_shards(args.labeled, SHARD_EXTENSIONS)]
+    once = sum(n for _, n in lab)
+    rep = 1
+    if args.labeled_repeat is not None:
+        if args.labeled_repeat < 1:
+            raise ConfigError("--labeled-repeat must be >= 1")
+        rep = args.labeled_repeat
+    elif n_pseudo and once:
+        r = args.labeled_ratio
+        rep = max(1, round(r * n_pseudo / ((1 - r) * once)))
+    return [ShardTask(LABELED, f"{shard_name(u)}#{i}", u) for i in range(rep) for u, _ in lab], rep * once
 
 
 def _absolute_paths(args) -> None:
@@ -336,7 +340,8 @@ def run(argv=None) -> int:
     try:
         _validate(args)
         _absolute_paths(args)
-        sp, tasks, eval_tasks, cache = plan(args)
+        setup = plan(args)
+        sp = setup.plan
         ex = exec_plan(args)
         done = _final_done(args, sp)
     except (ConfigError, FormatError, FileNotFoundError, StorageError) as e:
@@ -353,7 +358,7 @@ def run(argv=None) -> int:
         return 0
     t0 = time.monotonic()
     try:
-        result = fit(ex, sp, tasks, eval_tasks, cache)
+        result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache)
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -156,21 +156,7 @@ def train_loop(config: dict) -> None:
     opt = make_optimizer(model.parameters(), optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, optim.warmup_steps, optim.total_steps, optim.min_lr_ratio))
-    step, epoch, history = 0, 0, []
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(os.path.join(d, CHECKPOINT_WEIGHTS)))
-            state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, history = state["step"], state["epoch"], json.loads(state["history"])
-        if rank == 0:
-            log.info(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}")
-
+    step, epoch, history = _resume(model, opt, sched, rank)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     runner = ModelRunner([model], plan.data.preprocessing, device, optim.precision)
     online = None
@@ -197,25 +183,12 @@ def train_loop(config: dict) -> None:
         batches = in_background(collate(t) for t in stats.timed(shuffled_batches(
             blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
         while True:
-            t_wait = time.monotonic()
-            try:
-                b = next(batches, None)
-            except Exception as e:  # a data error: its one line, not Ray Data's whole stack
-                message = data_error(e)
-                if message is None:
-                    raise
-                raise DataError(message) from None
-            stats.data_wait += time.monotonic() - t_wait
+            b = stats.call(_next_batch, "input_wait")(batches)
             if b is None:
                 break
             b = stats.call(_to_device, "h2d")(b, device)
             if online is not None:  # online distillation: the teacher runs in the loop
-                t_out = online.predict(b["x"], b.get("lengths"))
-                tk = topk_from_logits(t_out.logits[0], plan.data.stored_k)
-                b.update(t_ids=tk.ids, t_lp=tk.logprobs, t_lse=tk.logsumexp, t_conf=tk.confidence,
-                         has_t=torch.ones_like(b["has_t"]))
-                if t_out.frames is not None:
-                    b["t_frames"] = t_out.frames
+                _online_targets(b, online, plan.data.stored_k)
             t_step = time.monotonic()
             loss, st = train_step(runner, step_loss, opt, sched, scaler, b, optim.grad_clip)
             step += 1
@@ -225,17 +198,7 @@ def train_loop(config: dict) -> None:
                 break
         batches.close()  # stops its thread when --steps ends the epoch early
         epoch += 1
-        seconds = time.monotonic() - t0
-        red = stats.reduce()
-        metrics = {
-            "epoch": epoch, "step": step, "loss": red["loss"], "ce": red["ce"], "kd": red["kd"],
-            "lr": sched.get_last_lr()[0], "samples": red["samples"], "seconds": round(seconds, 3),
-            "samples_per_s": round(red["samples"] / seconds, 2) if seconds > 0 else None,
-            # mean over workers of the share of the epoch spent waiting for input
-            "data_wait_share": round(red["data_wait"] / world / seconds, 3) if seconds > 0 else None,
-            # where the epoch went, mean seconds per worker (stats.PHASES)
-            "phases": {p: round(s / world, 3) for p, s in red["phases"].items()},
-        }
+        metrics = _epoch_metrics(epoch, step, stats.reduce(), sched.get_last_lr()[0], time.monotonic() - t0, world)
         if eval_it is not None:
             c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)
             metrics["eval_accuracy"] = c / n if n else None
@@ -243,6 +206,62 @@ def train_loop(config: dict) -> None:
         last = epoch >= optim.epochs or bool(max_steps and step >= max_steps)
         save = last or epoch % optim.checkpoint_every == 0
         _checkpoint_and_report(plan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
+
+
+def _resume(model, opt, sched, rank: int) -> tuple[int, int, list]:
+    """(step, epoch, metrics history) of the latest checkpoint Ray Train hands this worker,
+    its model, optimizer and schedule loaded; (0, 0, []) for a fresh run."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, 0, []
+    with ckpt.as_directory() as d:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(d, CHECKPOINT_WEIGHTS)))
+        state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    step, epoch = state["step"], state["epoch"]
+    if rank == 0:
+        log.info(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}")
+    return step, epoch, json.loads(state["history"])
+
+
+def _next_batch(batches) -> dict | None:
+    """The input thread's next batch (None at the epoch's end); a data error as its one line
+    (DataError), not Ray Data's whole stack."""
+    try:
+        return next(batches, None)
+    except Exception as e:
+        message = data_error(e)
+        if message is None:
+            raise
+        raise DataError(message) from None
+
+
+def _online_targets(b: dict, online: ModelRunner, k: int) -> None:
+    """Online distillation: the teacher's top-k of batch ``b`` (on the device) into its target columns."""
+    t_out = online.predict(b["x"], b.get("lengths"))
+    tk = topk_from_logits(t_out.logits[0], k)
+    b.update(t_ids=tk.ids, t_lp=tk.logprobs, t_lse=tk.logsumexp, t_conf=tk.confidence,
+             has_t=torch.ones_like(b["has_t"]))
+    if t_out.frames is not None:
+        b["t_frames"] = t_out.frames
+
+
+def _epoch_metrics(epoch: int, step: int, red: dict, lr: float, seconds: float, world: int) -> dict:
+    """An epoch's metrics.jsonl record from its EpochStats totals (summed over ``world`` workers)."""
+    return {
+        "epoch": epoch, "step": step, "loss": red["loss"], "ce": red["ce"], "kd": red["kd"],
+        "lr": lr, "samples": red["samples"], "seconds": round(seconds, 3),
+        "samples_per_s": round(red["samples"] / seconds, 2) if seconds > 0 else None,
+        # mean over workers of the share of the epoch spent waiting for input
+        "data_wait_share": round(red["data_wait"] / world / seconds, 3) if seconds > 0 else None,
+        # where the epoch went, mean seconds per worker (stats.PHASES)
+        "phases": {p: round(s / world, 3) for p, s in red["phases"].items()},
+    }
 
 
 def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint,

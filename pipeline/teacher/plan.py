@@ -15,8 +15,8 @@ from pipeline.fingerprint import fingerprint
 from pipeline.inputs import sniff_modality
 from pipeline.modalities import DecodeLimits, Preprocessing, preprocessing_from_dict
 from pipeline.modalities.image import GPU_RESAMPLE
-from pipeline.models.probe import probe_output
-from pipeline.models.spec import SpecError, absolute_spec, build_model, check_trust_modules, describe_model, identity, parse_spec
+from pipeline.models.facts import Declared, declare, probe
+from pipeline.models.spec import SpecError, absolute_spec, check_trust_modules, identity
 from pipeline.shards import Manifest
 from pipeline.shards.schema import id_dtype
 
@@ -108,63 +108,62 @@ def plan_teacher(args, first_shard: str) -> TeacherPlan:
         trust = check_trust_modules(args.trust_module)
     except SpecError as e:
         raise ConfigError(str(e)) from None
-    specs, described, models, given = [], [], [], []
-    for s in args.teacher:
-        try:
-            spec = parse_spec(s, trust)
-            model = build_model(spec)
-        except (SpecError, FileNotFoundError) as e:
-            raise ConfigError(f"--teacher {s}: {e}") from None
-        given.append(str(absolute_spec(s)))
-        specs.append(spec)
-        models.append(model)
-        described.append(describe_model(spec, model))
-    modalities = {d["modality"] for d in described if d["modality"]}
+    members = [declare(s, trust, "--teacher") for s in args.teacher]
+    modality, prep = _input(args, members, first_shard)
+    level, num_classes = _output(args, members, prep)
+    frame_shift = _frame_shift(args, members) if level == "frame" else None
+    if modality == "image":  # last: it may start Ray (auto on a cluster), after every other check
+        place = image_decode_place(args, preprocessing_from_dict(prep).resample)
+        prep = preprocessing_from_dict({**prep, "decode": place}).to_dict()  # "cpu": the dict as before
+    k = min(args.top_k, num_classes)
+    names = next((m.class_names for m in members if m.class_names), None)
+    specs = [m.spec for m in members]
+    teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
+               "ensemble": "mean-probability" if len(specs) > 1 else None}
+    fp = fingerprint(teacher["identities"], prep, k, level)
+    return TeacherPlan(tuple(str(absolute_spec(s)) for s in args.teacher), trust, modality, level, num_classes, k,
+                       frame_shift, preprocessing_from_dict(prep), names, teacher, fp)
+
+
+def _input(args, members: list[Declared], first_shard: str) -> tuple[str, dict]:
+    """(modality, preprocessing) the ensemble sees: what its members declare (they must agree),
+    --modality or the first shard's contents, the flags on top."""
+    modalities = {m.modality for m in members if m.modality}
     if len(modalities) > 1:
         raise ConfigError(f"--teacher: ensemble members disagree on modality: {sorted(modalities)}")
     modality = args.modality or (modalities.pop() if modalities else None) or sniff_modality(first_shard)
     if modality is None:
         raise ConfigError(f"cannot tell the modality of {first_shard}; pass --modality audio|image")
-    preps = [d["preprocessing"] for d in described if d["preprocessing"]]
+    preps = [m.preprocessing for m in members if m.preprocessing]
     if any(pp != preps[0] for pp in preps[1:]):
         raise ConfigError("--teacher: ensemble members were trained with different preprocessing; "
                           "they must see the same input")
     if preps and preps[0].get("modality") != modality:
         raise ConfigError(f"--modality {modality}: the teacher was trained on {preps[0].get('modality')} inputs")
-    prep = resolve_preprocessing(modality, preps[0] if preps else None, args)
-    shapes = []
-    for s, model in zip(args.teacher, models):
-        try:
-            out = probe_output(model, prep)
-        except Exception as e:
-            raise ConfigError(f"--teacher {s}: forward pass on a blank {modality} input failed "
-                              f"({type(e).__name__}: {e}); check the preprocessing flags") from None
-        shapes.append(tuple(out.shape))
-    if len({s[-1] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
-        raise ConfigError(f"--teacher: ensemble members disagree on output shape {shapes}")
-    level = "frame" if len(shapes[0]) == 3 else "utterance"
+    return modality, resolve_preprocessing(modality, preps[0] if preps else None, args)
+
+
+def _output(args, members: list[Declared], prep: dict) -> tuple[str, int]:
+    """(level, classes) of the ensemble's output: a forward pass of each member (they must agree)."""
+    outs = [probe(m, prep, "--teacher") for m in members]
+    if len(set(outs)) != 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on their output (level, classes): {outs}")
+    level, num_classes = outs[0]
     if args.level and args.level != level:
         raise ConfigError(f"--level {args.level}: the teacher outputs {'(B, T, C)' if level == 'frame' else '(B, C)'}, "
                           f"which is {level} level")
-    num_classes = shapes[0][-1]
-    frame_shift = None
-    if level == "frame":
-        shifts = {d["frame_shift_ms"] for d in described if d["frame_shift_ms"]}
-        if len(shifts) > 1:
-            raise ConfigError(f"--teacher: ensemble members disagree on frame shift {sorted(shifts)}")
-        frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
-        if frame_shift is None:
-            raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
-    if modality == "image":  # last: it may start Ray (auto on a cluster), after every other check
-        place = image_decode_place(args, preprocessing_from_dict(prep).resample)
-        prep = preprocessing_from_dict({**prep, "decode": place}).to_dict()  # "cpu": the dict as before
-    k = min(args.top_k, num_classes)
-    names = next((d["class_names"] for d in described if d["class_names"]), None)
-    teacher = {"specs": [sp.describe() for sp in specs], "identities": [identity(sp) for sp in specs],
-               "ensemble": "mean-probability" if len(specs) > 1 else None}
-    fp = fingerprint(teacher["identities"], prep, k, level)
-    return TeacherPlan(tuple(given), trust, modality, level, num_classes, k, frame_shift,
-                       preprocessing_from_dict(prep), tuple(names) if names else None, teacher, fp)
+    return level, num_classes
+
+
+def _frame_shift(args, members: list[Declared]) -> float:
+    """A frame-level ensemble's frame shift: --frame-shift-ms, else what its members declare."""
+    shifts = {m.frame_shift_ms for m in members if m.frame_shift_ms}
+    if len(shifts) > 1:
+        raise ConfigError(f"--teacher: ensemble members disagree on frame shift {sorted(shifts)}")
+    frame_shift = args.frame_shift_ms or (shifts.pop() if shifts else None)
+    if frame_shift is None:
+        raise ConfigError("frame-level teacher does not declare its frame shift; pass --frame-shift-ms")
+    return frame_shift
 
 
 def image_decode_place(args, resample: str) -> str:

@@ -161,7 +161,8 @@ def test_opening_a_500_shard_run_for_training_reads_each_shard_once(tmp_path):
     args = build_parser().parse_args(["--soft-targets", str(run), "--student",
                                       "pipeline.models.zoo:image_cnn?width=2&num_classes=7", "--output",
                                       str(tmp_path / "o")])
-    sp, tasks, _, cache = plan(args)
+    setup = plan(args)
+    sp, tasks, cache = setup.plan, setup.tasks, setup.cache
     driver_opens = len(opened)
     assert driver_opens <= 3, opened  # manifest.json + the index (the listing for sizes opens nothing)
     rows = ShardRows(sp.data, cache.uri, cache.facts)
@@ -188,7 +189,7 @@ def test_the_seed_chooses_the_initial_weights(tmp_path):
         args = build_parser().parse_args(["--labeled", str(tmp_path / "lab"), "--student",
                                           "pipeline.models.zoo:audio_cnn?width=4", "--output", str(tmp_path / "o"),
                                           "--seed", str(seed)])
-        sp = plan(args)[0]
+        sp = plan(args).plan
         assert sp.optim.seed == seed
         return {k: v.clone() for k, v in initial_model(sp).state_dict().items()}
 
@@ -197,4 +198,4 @@ def test_the_seed_chooses_the_initial_weights(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
     json.dumps(asdict(plan(build_parser().parse_args(
         ["--labeled", str(tmp_path / "lab"), "--student", "pipeline.models.zoo:audio_cnn?width=4", "--output",
-         str(tmp_path / "o")]))[0].optim))  # the plan is plain data
+         str(tmp_path / "o")])).plan.optim))  # the plan is plain data

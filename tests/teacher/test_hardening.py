@@ -127,10 +127,11 @@ def test_student_and_evaluation_apply_the_same_rule(hostile, tmp_path, capsys):
     from pipeline.student.job import build_parser, plan
 
     student = "pipeline.models.zoo:image_cnn?width=2&num_classes=5"
-    sp, tasks, _, cache = plan(build_parser().parse_args(["--soft-targets", str(out), "--student", student,
-                                                          "--output", str(tmp_path / "o")]))
+    setup = plan(build_parser().parse_args(["--soft-targets", str(out), "--student", student,
+                                            "--output", str(tmp_path / "o")]))
+    sp, cache = setup.plan, setup.cache
     rows = ShardRows(sp.data, cache.uri, cache.facts)
-    (task,) = tasks
+    (task,) = setup.tasks
     keys = [k for t in rows({c: [v] for c, v in task.to_row().items()})
             for k in t.column("key").to_pylist()]
     assert sorted(keys) == sorted(["a", "b", "c", "v1.2/d", "../../e"])  # the first c, nothing else
