@@ -374,12 +374,21 @@ def run(argv=None) -> int:
         ck_path = args.output.split("://", 1)[0] + "://" + ck_path
     summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
+               # from the process's start to the first optimizer step (the first epoch of this run)
+               "first_step_s": next((h["first_step_s"] for h in reversed(history) if "first_step_s" in h), None),
                "last": last}
     loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
-    print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {loss}; final model in "
+    first = f"; first step {summary['first_step_s']} s after start" if summary["first_step_s"] is not None else ""
+    print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {loss}{first}; final model in "
           f"{final_uri} (a valid --teacher and --checkpoint)", flush=True)
     print(json.dumps({"summary": summary}), flush=True)
     return 0
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def exec_plan(args) -> StudentExec:
@@ -430,7 +439,9 @@ def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: li
             datasets["eval"] = dataset(eval_tasks, shuffle=False, seed=0)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"plan": sp},
+            # the driver process's start (wall clock): the first epoch's record says how long
+            # it took to the first optimizer step
+            train_loop_config={"plan": sp, "started": _process_start()},
             scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=gpu,
                                          resources_per_worker={"CPU": ex.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,

@@ -140,7 +140,8 @@ def initial_model(plan: StudentPlan) -> torch.nn.Module:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point; ``config["plan"]`` is the job's StudentPlan."""
+    """Ray Train entry point; ``config["plan"]`` is the job's StudentPlan, ``config["started"]``
+    the wall-clock time its driver process started (or None)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -171,6 +172,7 @@ def train_loop(config: dict) -> None:
     max_steps = optim.max_steps
 
     model.train()
+    started, first_step = config.get("started"), None
     while epoch < optim.epochs and not (max_steps and step >= max_steps):
         t0 = time.monotonic()
         stats = EpochStats(device)
@@ -194,11 +196,16 @@ def train_loop(config: dict) -> None:
             step += 1
             stats.add(loss, st, int(b["x"].shape[0]))
             stats.seconds["step"] += time.monotonic() - t_step
+            if first_step is None and started is not None:  # queued: the device runs it right after
+                first_step = time.time() - started
             if max_steps and step >= max_steps:
                 break
         batches.close()  # stops its thread when --steps ends the epoch early
         epoch += 1
         metrics = _epoch_metrics(epoch, step, stats.reduce(), sched.get_last_lr()[0], time.monotonic() - t0, world)
+        if first_step is not None:  # this process's first epoch: from the driver's start to its first step
+            metrics["first_step_s"] = round(first_step, 2)
+            started = first_step = None
         if eval_it is not None:
             c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)
             metrics["eval_accuracy"] = c / n if n else None
@@ -287,7 +294,9 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
             acc = f" eval_acc {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
             wait = f"{metrics['data_wait_share']:.0%}" if metrics.get("data_wait_share") is not None else "-"
             log.info(f"[train] epoch {epoch}/{plan.optim.epochs} step {step} loss {metrics['loss']:.4f} ce {ce} "
-                     f"kd {kd} lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait {wait}{acc}")
+                     f"kd {kd} lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait {wait}{acc}"
+                     + (f"; first step {metrics['first_step_s']} s after the job started" if "first_step_s" in metrics
+                        else ""))
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 
