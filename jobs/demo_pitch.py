@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.pitch_demo import run  # noqa: E402
+from recipes.pitch_demo import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run())

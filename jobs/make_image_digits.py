@@ -1,7 +1,7 @@
 # python jobs/make_image_digits.py --output data/image_digits --labeled 100 --unlabeled 10000
 """Build the handwritten-digits image corpus (scikit-learn's bundled 8x8 digits, upscaled,
 augmented into an unlabeled pool; RGB PNG in WebDataset shards) as a Ray Data job. The logic
-lives in pipeline/corpus/image_digits.py.
+lives in recipes/corpus/image_digits.py.
 
     ray job submit --working-dir . -- python jobs/make_image_digits.py --output s3://bucket/image_digits
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline/, also under `ray job submit`
 
-from pipeline.corpus import image_digits as im  # noqa: E402
+from recipes.corpus import image_digits as im  # noqa: E402
 
 D = im.ImageDigitsConfig()
 

@@ -1,7 +1,7 @@
 # python jobs/make_pitch_corpus.py --output data/pitch --pool 600 --labeled 40 --test 100
 """Generate the pitch corpus (synthesised voiced signals with exact f0, and eSpeak NG speech
 for the unlabeled pool; 16 kHz FLAC in WebDataset shards) as a Ray Data job. The logic lives
-in pipeline/corpus/pitch.py.
+in recipes/corpus/pitch.py.
 
     python jobs/make_pitch_corpus.py --output data/pitch --label-hop-ms 40
     ray job submit --working-dir . -- python jobs/make_pitch_corpus.py --output s3://bucket/pitch --pool 100000
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline/, also under `ray job submit`
 
-from pipeline.corpus import pitch as pc  # noqa: E402
+from recipes.corpus import pitch as pc  # noqa: E402
 
 D = pc.PitchCorpusConfig()
 

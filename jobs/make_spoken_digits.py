@@ -1,6 +1,6 @@
 # python jobs/make_spoken_digits.py --output data/digits --labeled 300 --unlabeled 6000 --test 1000
 """Synthesise the spoken-digits corpus (eSpeak NG, noise, 16 kHz FLAC in WebDataset shards)
-as a Ray Data job. The logic lives in pipeline/corpus/spoken_digits.py.
+as a Ray Data job. The logic lives in recipes/corpus/spoken_digits.py.
 
     python jobs/make_spoken_digits.py --output data/digits_frames --frame-level
     ray job submit --working-dir . -- python jobs/make_spoken_digits.py --output s3://bucket/digits --unlabeled 1000000
@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline/, also under `ray job submit`
 
-from pipeline.corpus import spoken_digits as sd  # noqa: E402
-from pipeline.corpus import tts  # noqa: E402
+from recipes.corpus import spoken_digits as sd  # noqa: E402
+from recipes.corpus import tts  # noqa: E402
 
 D = sd.SpokenDigitsConfig()
 

@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.corpus import common
-from pipeline.corpus import image_digits as im
+from recipes.corpus import common
+from recipes.corpus import image_digits as im
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import soundfile as sf
 from scipy.signal import hilbert
 
 from pipeline import pitch
-from pipeline.corpus import common
-from pipeline.corpus import pitch as pc
+from recipes.corpus import common
+from recipes.corpus import pitch as pc
 
 SR = 16000
 

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from pipeline.corpus import common, tts
-from pipeline.corpus import spoken_digits as sd
+from recipes.corpus import common, tts
+from recipes.corpus import spoken_digits as sd
 
 REPO = Path(__file__).resolve().parents[2]
 SR = 16000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.demo import run
+from recipes.demo import run
 from pipeline.shards import SoftTargetRun
 from pipeline.student.train import read_metrics
 

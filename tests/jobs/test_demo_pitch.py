@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.pitch_demo import run
+from recipes.pitch_demo import run
 from pipeline.shards import SoftTargetRun
 
 

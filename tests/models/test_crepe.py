@@ -8,7 +8,7 @@ import torch
 torchcrepe = pytest.importorskip("torchcrepe")
 
 from pipeline import pitch  # noqa: E402
-from pipeline.corpus import pitch as pc  # noqa: E402
+from recipes.corpus import pitch as pc  # noqa: E402
 from pipeline.models import zoo  # noqa: E402
 from pipeline.models.crepe import PARAMS, crepe_full, crepe_tiny  # noqa: E402
 from pipeline.models.spec import build_model, parse_spec  # noqa: E402

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline import storage
-from pipeline.corpus import common, tts
+from recipes.corpus import common, tts
 
 DIGITS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SILENCE = "silence"

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline import storage
-from pipeline.corpus import common
+from recipes.corpus import common
 
 CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 SPLITS: tuple[str, ...] = ("labeled", "unlabeled", "test")

@@ -1,5 +1,5 @@
 """The pitch demo's report: results.json, results.md, rpa.png and contour.png, and the CPU
-speed of each model (pipeline/pitch_demo.py)."""
+speed of each model (recipes/pitch_demo.py)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.demo import run_step
+from recipes.demo import run_step
 
 # CREPE full is the cost on CPU, so the pool is pseudo-labelled on sparse frames (one every
 # 80 ms; CREPE's window is 64 ms, so they do not overlap) and the students train on those
@@ -103,7 +103,7 @@ def _step(title: str, job: str, argv: list[str], fn) -> float:
 
 def make_corpus(size: dict, seed: int, data: str) -> dict:
     """Generate (or reuse) the pitch corpus; returns corpus.json."""
-    from pipeline.corpus import pitch as gen
+    from recipes.corpus import pitch as gen
 
     cfg = gen.PitchCorpusConfig(pool=size["pool"], labeled=size["labeled"], test=size["test"], seed=seed,
                                 shard_size=50, label_hop_ms=10.0)
@@ -128,7 +128,7 @@ def run(argv=None) -> int:
     ray_flag = ["--address", args.address] if args.address else []
 
     from pipeline.cli import init_ray
-    from pipeline.pitch_report import measure_speed, write_report
+    from recipes.pitch_report import measure_speed, write_report
     from pipeline.shards import SoftTargetRun
     from pipeline.student.evaluate import run as evaluate
     from pipeline.student.job import run as train

@@ -91,14 +91,14 @@ def run_step(title: str, job: str, argv: list[str], fn, demo: str = "demo") -> f
 def make_corpus(modality: str, size: dict, seed: int, data: str) -> dict:
     """Generate (or reuse) the corpus; returns corpus.json."""
     if modality == "audio":
-        from pipeline.corpus import spoken_digits as gen
+        from recipes.corpus import spoken_digits as gen
 
         cfg = gen.SpokenDigitsConfig(labeled=size["labeled"], unlabeled=size["unlabeled"], test=size["test"],
                                      seed=seed, shard_size=500)
         job = (f"make_spoken_digits.py --output {data} --labeled {cfg.labeled} --unlabeled {cfg.unlabeled} "
                f"--test {cfg.test} --seed {seed} --shard-size 500")
     else:
-        from pipeline.corpus import image_digits as gen
+        from recipes.corpus import image_digits as gen
 
         cfg = gen.ImageDigitsConfig(labeled=min(size["labeled"], 150), unlabeled=size["unlabeled"] * 2, seed=seed,
                                     shard_size=1000)
@@ -126,7 +126,7 @@ def run(argv=None) -> int:
         common += ["--address", args.address]
 
     from pipeline.cli import init_ray
-    from pipeline.report import write_report
+    from recipes.report import write_report
     from pipeline.student.evaluate import run as evaluate
     from pipeline.student.job import run as train
     from pipeline.teacher.job import run as pseudo_label

@@ -56,8 +56,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline import pitch, storage
-from pipeline.corpus import common, tts
-from pipeline.corpus.spoken_digits import NOISE_COLOURS, coloured_noise, resample
+from recipes.corpus import common, tts
+from recipes.corpus.spoken_digits import NOISE_COLOURS, coloured_noise, resample
 
 SPLITS: tuple[str, ...] = ("pool", "labeled", "test")
 LABELED_SPLITS = frozenset({"labeled", "test"})
