@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
 import yaml
@@ -41,65 +42,110 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-class _TokenError(Exception):
-    pass
+class JobParser(argparse.ArgumentParser):
+    """The jobs' ArgumentParser: it remembers its options as they are added (``options``), so
+    that ``parse_args`` merges --config through public API only. Required options are checked
+    after parsing, not by argparse: a config file may give them. Parse errors raise
+    ArgumentError (``exit_on_error=False``); ``parse_args`` turns them into the usual one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("exit_on_error", False)
+        self.options: dict[str, Option] = {}  # dest -> Option, in the order added (before
+        super().__init__(*args, **kwargs)  # argparse's own init adds --help)
+
+    def add_argument(self, *args, **kwargs):
+        return self._remember(super().add_argument, args, kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._remember(add, a, k)
+        return group
+
+    def _remember(self, add, args, kwargs):
+        required = kwargs.pop("required", False)
+        if required:
+            kwargs["help"] = f"{kwargs.get('help') or ''} (required)".strip()
+        action = add(*args, **kwargs)
+        if action.option_strings:
+            self.options[action.dest] = Option(max(action.option_strings, key=len), kwargs.get("action", "store"),
+                                               action.nargs, required)
+        return action
 
 
-def _tokens(action: argparse.Action, key: str, value) -> list[str]:
+@dataclass(frozen=True)
+class Option:
+    """flag: its longest spelling; action: argparse's ("store", "store_true", "append", ...);
+    nargs: as given to argparse; required: a value must come from the command line or the file."""
+
+    flag: str
+    action: str
+    nargs: int | str | None
+    required: bool
+
+
+def _tokens(option: Option, key: str, value) -> list[str]:
     """A config value as the command-line tokens that would give it (so argparse checks its
     type and choices exactly as it checks a flag)."""
-    flag = max(action.option_strings, key=len)
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if option.action in ("store_true", "store_false"):
         if not isinstance(value, bool):
-            raise _TokenError(f"{key}: expected true or false, got {value!r}")
-        return [flag] if value == isinstance(action, argparse._StoreTrueAction) else []
-    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return [option.flag] if value == (option.action == "store_true") else []
+    many = option.nargs in ("+", "*") or (isinstance(option.nargs, int) and option.nargs > 1)
     values = value if isinstance(value, list) else [value]
-    if not (many or isinstance(action, argparse._AppendAction)) and isinstance(value, list):
-        raise _TokenError(f"{key}: expected one value, got a list {value!r}")
+    if not (many or option.action == "append") and isinstance(value, list):
+        raise ConfigError(f"{key}: expected one value, got a list {value!r}")
     for v in values:
         if isinstance(v, (list, dict)) or v is None:
-            raise _TokenError(f"{key}: expected {'values' if many else 'a value'} like the flag takes, got {value!r}")
+            raise ConfigError(f"{key}: expected {'values' if many else 'a value'} like the flag takes, got {value!r}")
     text = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
-    if isinstance(action, argparse._AppendAction):
-        return [t for v in text for t in (flag, v)]
-    return [flag, *text]
+    if option.action == "append":
+        return [t for v in text for t in (option.flag, v)]
+    return [option.flag, *text]
 
 
-def _typed_config(parser: argparse.ArgumentParser, values: dict, where: str) -> dict:
+def _typed_config(parser: JobParser, values: dict, where: str) -> dict:
     """{dest: value} from the config mapping, converted and checked by the parser itself."""
-    dests = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    options = {d: o for d, o in parser.options.items() if d not in ("help", "config")}
     tokens: list[str] = []
     given = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in dests:
-            raise ConfigError(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(dests))})")
+        if dest not in options:
+            raise ConfigError(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(options))})")
         if value is None:  # null: the flag's default
             continue
         try:
-            tokens += _tokens(dests[dest], str(key), value)
-        except _TokenError as e:
+            tokens += _tokens(options[dest], str(key), value)
+        except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         given.append(dest)
-    required = [(a, a.required) for a in parser._actions]
-    def fail(message):
-        raise _TokenError(message)
-    parser.error = fail  # only while the file's tokens are parsed: its errors name the file
     try:
-        for a, _ in required:
-            a.required = False
-        ns = parser.parse_args(tokens)
-    except _TokenError as e:
+        ns, rest = parser.parse_known_args(tokens)
+    except argparse.ArgumentError as e:
         raise ConfigError(f"{where}: {e}") from None
-    finally:
-        del parser.error
-        for a, req in required:
-            a.required = req
+    if rest:
+        raise ConfigError(f"{where}: cannot read {' '.join(rest)}")
     return {d: getattr(ns, d) for d in given}
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _parse(parser: JobParser, argv: list[str], appended: dict | None = None) -> argparse.Namespace:
+    """argv parsed; ``appended``: the file's values of append options, used where argv gives none
+    (argparse would append the flags to a list default instead of replacing it)."""
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        parser.error(str(e))
+    for dest, value in (appended or {}).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    missing = [o.flag for d, o in parser.options.items() if o.required and getattr(args, d, None) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def parse_args(parser: JobParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse argv over the defaults from --config; exits with a clear message on bad input.
 
     Values from the file go through the parser exactly like flags (types, choices, number of
@@ -109,20 +155,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if not known.config:
-        return parser.parse_args(argv)
+        return _parse(parser, argv)
     try:
         values = _typed_config(parser, load_yaml(known.config), f"--config {known.config}")
     except ConfigError as e:
         parser.error(str(e))
-    appended = {d: v for d, v in values.items()
-                if isinstance(next(a for a in parser._actions if a.dest == d), argparse._AppendAction)}
-    # argparse appends to a list default; keep those aside so flags replace, not extend, the file.
+    appended = {d: v for d, v in values.items() if parser.options[d].action == "append"}
     parser.set_defaults(**{d: v for d, v in values.items() if d not in appended})
-    for a in parser._actions:  # options the file gives are no longer required on the command line
-        if a.dest in values:
-            a.required = False
-    args = parser.parse_args(argv)
-    for dest, value in appended.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-    return args
+    return _parse(parser, argv, appended)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
                           limits_from_args, resolve_preprocessing, use_gpu)
-from pipeline.config import ConfigError, add_config_flag, parse_args
+from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.models.facts import declare, frame_stride, resolve
@@ -40,7 +40,7 @@ PITCH_STATS = ("voiced", "unvoiced", "pitch_ok", "chroma_ok", "voiced_hit", "fal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description="Evaluate a checkpoint: accuracy on labeled shards, or agreement/KL against a soft-target run.")
     add_config_flag(p)

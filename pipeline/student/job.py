@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pipeline import storage
 from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray, limits_from_args, \
     resolve_preprocessing, use_gpu
-from pipeline.config import ConfigError, add_config_flag, parse_args
+from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.models.facts import Declared, ModelFacts, declare, frame_stride, resolve
@@ -41,7 +41,7 @@ FINAL_DIR = "final"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog="train_student.py",
         description="Train a student with Ray Train from cached soft targets, labeled data, or both.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,

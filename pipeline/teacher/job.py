@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from pipeline import storage
 from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
                           use_gpu)
-from pipeline.config import ConfigError, add_config_flag, parse_args
+from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, check_parquet_shard
 from pipeline.shards import FormatError, LeaseHeld, RunWriter
 from pipeline.storage import StorageError
@@ -34,7 +34,7 @@ OnRecords = Callable[["pa.Table", ShardTracker], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog="pseudo_label.py",
         description="Run teacher model(s) over a sharded corpus and write top-k soft targets (the cache).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
