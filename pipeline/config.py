@@ -57,7 +57,12 @@ class JobParser(argparse.ArgumentParser):
         return self._remember(super().add_argument, args, kwargs)
 
     def add_argument_group(self, *args, **kwargs):
-        group = super().add_argument_group(*args, **kwargs)
+        return self._remembering(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return self._remembering(super().add_mutually_exclusive_group(**kwargs))
+
+    def _remembering(self, group):
         add = group.add_argument
         group.add_argument = lambda *a, **k: self._remember(add, a, k)
         return group

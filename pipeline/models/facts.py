@@ -73,6 +73,9 @@ def probe(d: Declared, prep: dict, flag: str) -> tuple[str, int]:
     except Exception as e:
         raise ConfigError(f"{flag} {d.text}: forward pass on a blank {prep.get('modality')} input failed "
                           f"({type(e).__name__}: {e}); check the preprocessing flags") from None
+    if out.dim() not in (2, 3):
+        raise ConfigError(f"{flag} {d.text}: outputs {tuple(out.shape)} on a blank input; a model outputs (B, C) "
+                          "logits (utterance level) or (B, T, C) (frame level)")
     return ("frame" if out.dim() == 3 else "utterance"), int(out.shape[-1])
 
 

@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.models.facts import Declared, ModelFacts, declare, frame_stride, resolve
-from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, absolute_spec, check_trust_modules
+from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, absolute_spec, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.softtargets import TAIL_MODES
 from pipeline.storage import StorageError
@@ -213,10 +213,14 @@ def plan(args) -> Setup:
 
 def _models(args, trust: tuple, manifest) -> tuple[ModelFacts, Declared | None]:
     """The student (resolved against the data) and the online teacher (declared), if any."""
-    student = declare(str(args.student), trust, "--student")
-    if student.spec.kind not in ("factory", "checkpoint"):
-        raise ConfigError(f"--student {args.student}: a {student.spec.kind} model cannot be trained by kdpipe (it can "
+    try:
+        kind = parse_spec(str(args.student), trust).kind  # before building it: an hf: or onnx: model is not loaded
+    except (SpecError, FileNotFoundError) as e:
+        raise ConfigError(f"--student {args.student}: {e}") from None
+    if kind not in ("factory", "checkpoint"):
+        raise ConfigError(f"--student {args.student}: a {kind} model cannot be trained by kdpipe (it can "
                           "teach); give a 'package.module:factory' spec or a kdpipe checkpoint")
+    student = declare(str(args.student), trust, "--student")
     online = declare(args.online_teacher, trust, "--online-teacher") if args.online_teacher else None
     modality = (manifest.modality if manifest else None) or student.modality or (online.modality if online else None)
     if modality is None:
@@ -357,6 +361,7 @@ def run(argv=None) -> int:
                                       "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
         return 0
     t0 = time.monotonic()
+    epochs_before = len(read_metrics(args.output))  # a resumed run: the epochs already recorded
     try:
         result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache)
     except DataError as e:
@@ -374,8 +379,8 @@ def run(argv=None) -> int:
         ck_path = args.output.split("://", 1)[0] + "://" + ck_path
     summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
-               # from the process's start to the first optimizer step (the first epoch of this run)
-               "first_step_s": next((h["first_step_s"] for h in reversed(history) if "first_step_s" in h), None),
+               # from the process's start to its first optimizer step (this run's first epoch)
+               "first_step_s": (history[epochs_before:] or [{}])[0].get("first_step_s"),
                "last": last}
     loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
     first = f"; first step {summary['first_step_s']} s after start" if summary["first_step_s"] is not None else ""
@@ -441,7 +446,7 @@ def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: li
             train_loop,
             # the driver process's start (wall clock): the first epoch's record says how long
             # it took to the first optimizer step
-            train_loop_config={"plan": sp, "started": _process_start()},
+            train_loop_config={"plan": sp, "started": _process_start() if attempt == 0 else None},
             scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=gpu,
                                          resources_per_worker={"CPU": ex.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,

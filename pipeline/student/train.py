@@ -189,9 +189,9 @@ def train_loop(config: dict) -> None:
             if b is None:
                 break
             b = stats.call(_to_device, "h2d")(b, device)
+            t_step = time.monotonic()  # the step (with online distillation, the teacher's forward too)
             if online is not None:  # online distillation: the teacher runs in the loop
                 _online_targets(b, online, plan.data.stored_k)
-            t_step = time.monotonic()
             loss, st = train_step(runner, step_loss, opt, sched, scaler, b, optim.grad_clip)
             step += 1
             stats.add(loss, st, int(b["x"].shape[0]))
