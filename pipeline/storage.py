@@ -27,6 +27,47 @@ class StorageError(OSError):
     no credentials, unknown protocol). The message is one line naming the URI; never a secret."""
 
 
+# The exit code of a job that stopped on storage it could not read or write mid-run (1: the job
+# failed otherwise, or too many keys were quarantined; 2: a flag or an input is wrong).
+STORAGE_EXIT = 3
+
+
+def storage_failure(e: BaseException) -> StorageError | None:
+    """The StorageError anywhere in an exception's chain, however Ray wrapped it (a task's
+    error keeps it as ``cause``, Ray Train's worker-group error by rank); None if there is none."""
+    import re
+
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return e
+        # A Ray Data UDF's error reaches the driver as a UserCodeException whose cause did not
+        # travel; the worker's traceback (its text) still ends in the StorageError's line.
+        found = re.findall(r"^pipeline\.storage\.StorageError: (.+)$", getattr(e, "traceback_str", None) or str(e),
+                           re.M)
+        if found:
+            return StorageError(found[-1].strip())
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def what_to_do(e: StorageError) -> str:
+    """One hint for a storage failure, from its message."""
+    text = str(e)
+    if "No space left" in text or "Disk quota" in text or "Errno 28" in text or "Errno 122" in text:
+        return "free space there (or give another output) and rerun: it resumes from what was saved"
+    if "Permission denied" in text or "AccessDenied" in text or "Errno 13" in text or "Read-only" in text:
+        return "check the permissions / credentials for that location and rerun: it resumes from what was saved"
+    if "NoSuchBucket" in text:
+        return "create the bucket (or fix the URI) and rerun"
+    return "rerun once the storage answers again: it resumes from what was saved"
+
+
 def describe_error(e: BaseException) -> str:
     """One line for an I/O exception: its type and the first line of its message."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -28,7 +28,7 @@ from pipeline.models.facts import Declared, ModelFacts, declare, frame_stride, r
 from pipeline.models.spec import CHECKPOINT_CONFIG, SpecError, absolute_spec, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.softtargets import TAIL_MODES
-from pipeline.storage import StorageError
+from pipeline.storage import STORAGE_EXIT, StorageError, storage_failure, what_to_do
 from pipeline.student.data import count_samples
 from pipeline.student.errors import DataError
 from pipeline.student.losses import LOSSES
@@ -367,6 +367,12 @@ def run(argv=None) -> int:
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:
+        failure = storage_failure(e)
+        if failure is None:
+            raise
+        print(f"[train] storage error: {failure}; {what_to_do(failure)}", file=sys.stderr, flush=True)
+        return STORAGE_EXIT
     final_uri = storage.join(args.output, FINAL_DIR)
     with tempfile.TemporaryDirectory() as d:
         result.checkpoint.to_directory(d)

@@ -22,7 +22,7 @@ from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing
 from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, check_parquet_shard
 from pipeline.shards import FormatError, LeaseHeld, RunWriter
-from pipeline.storage import StorageError
+from pipeline.storage import STORAGE_EXIT, StorageError, storage_failure, what_to_do
 from pipeline.teacher.commit import Progress, ShardTracker, fmt_duration
 from pipeline.teacher.plan import ExecPlan, TeacherPlan, exec_plan, plan_teacher
 
@@ -134,9 +134,14 @@ def run(argv=None, on_records: OnRecords | None = None) -> int:
         parser.error(str(e))
     try:
         return _run(args, ex, plan, refs, writer, inputs, removed, on_records)
-    except BaseException:
+    except BaseException as e:
         writer.abandon()  # what was committed stays committed; the lease is given back
-        raise
+        failure = storage_failure(e) if isinstance(e, Exception) else None
+        if failure is None:
+            raise
+        # one last line naming the URI and the cause, not Ray's wrapped traceback
+        print(f"[pseudo-label] storage error: {failure}; {what_to_do(failure)}", file=sys.stderr, flush=True)
+        return STORAGE_EXIT
 
 
 def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int,

@@ -96,6 +96,39 @@ def test_working_directory_deleted_mid_run(tmp_path):
     assert not (out / "_parts").exists()  # cleaned up without a working directory
 
 
+def test_full_disk_ends_with_one_line_and_a_rerun_completes(tmp_path):
+    """The output's filesystem fills up mid-run (a 300 KB tmpfs): the job ends with one last
+    line naming the file and the cause and exit code 3, leaves a run that opens and verifies,
+    and once there is room a rerun completes with every key once (issue 23)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        waves = audio_corpus(tmp_path / "in", shards=6, per_shard=40, seed=3)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("RAY_ADDRESS", None)
+        argv = [sys.executable, str(REPO / "jobs" / "pseudo_label.py"), "--input", str(tmp_path / "in"),
+                "--output", str(disk / "run"), "--teacher", "pipeline.models.zoo:audio_cnn?width=8&level=frame",
+                "--top-k", "50"]
+        full = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        last = full.stderr.strip().splitlines()[-1]
+        assert full.returncode == 3, full.stderr[-3000:]
+        assert last.startswith("[pseudo-label] storage error: ") and str(disk / "run") in last, last
+        assert "No space left on device" in last and "free space there" in last, last
+        from pipeline.shards import SoftTargetRun
+
+        assert SoftTargetRun(str(disk / "run")).verify() == {}  # what the manifest names is there, whole
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        keys = _keys(str(disk / "run"))
+        assert len(keys) == len(set(keys)) and sorted(keys) == sorted(waves)
+        assert not (disk / "run" / "_parts").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_local, capsys):
     waves = audio_corpus(tmp_path / "in", shards=6, per_shard=4, seed=21)
     out = tmp_path / "st"
