@@ -137,3 +137,30 @@ def test_expand_shards(tmp_path):
         storage.expand_shards([str(d / "*.flac")], (".flac",))
     with pytest.raises(FileNotFoundError, match="matched no files"):
         storage.expand_shards([str(d)], (".flac",))
+
+
+def test_storage_failure_is_found_however_ray_wrapped_it():
+    from pipeline.storage import StorageError, storage_failure, what_to_do
+
+    err = StorageError("/out/x.parquet: cannot write (OSError: [Errno 28] No space left on device)")
+    assert storage_failure(RuntimeError("outer")) is None
+    try:
+        try:
+            raise err
+        except StorageError as e:
+            raise RuntimeError("a task failed") from e
+    except RuntimeError as chained:
+        assert storage_failure(chained) is err
+
+    class WorkerGroupError(Exception):  # Ray Train keeps each worker's error by rank
+        worker_failures = {0: ValueError("fine"), 1: err}
+
+    assert storage_failure(WorkerGroupError()) is err
+
+    class UserCodeError(Exception):  # Ray Data: the cause did not travel, its traceback text did
+        traceback_str = ("Traceback (most recent call last):\n  ...\npipeline.storage.StorageError: "
+                         "s3://b/run/_parts/a.parquet: cannot write (ClientError: AccessDenied)\n")
+
+    found = storage_failure(UserCodeError())
+    assert isinstance(found, StorageError) and str(found) == "s3://b/run/_parts/a.parquet: cannot write (ClientError: AccessDenied)"
+    assert "free space" in what_to_do(err) and "permissions" in what_to_do(found)
