@@ -106,6 +106,7 @@ def run(argv=None, on_records: OnRecords | None = None) -> int:
     to take it (a bench times them: bench/benchlib.py)."""
     parser = build_parser()
     args = parse_args(parser, argv)
+    t_plan = time.monotonic()
     early = (ConfigError, FileNotFoundError, FormatError, LeaseHeld, StorageError)
     # Workers write the run directory, in working directories of their own: a relative
     # --output must mean the directory the job was started in.
@@ -132,8 +133,9 @@ def run(argv=None, on_records: OnRecords | None = None) -> int:
     except early + (ValueError,) as e:
         writer.abandon()
         parser.error(str(e))
+    plan_s = time.monotonic() - t_plan  # listing, the run's commit log, matching: grows with the shards
     try:
-        return _run(args, ex, plan, refs, writer, inputs, removed, on_records)
+        return _run(args, ex, plan, refs, writer, inputs, removed, plan_s, on_records)
     except BaseException as e:
         writer.abandon()  # what was committed stays committed; the lease is given back
         failure = storage_failure(e) if isinstance(e, Exception) else None
@@ -145,7 +147,7 @@ def run(argv=None, on_records: OnRecords | None = None) -> int:
 
 
 def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, inputs, removed: int,
-         on_records: OnRecords | None) -> int:
+         plan_s: float, on_records: OnRecords | None) -> int:
     for r in refs:
         if len(r.spellings) > 1:
             print(f"[pseudo-label] warning: input {r.uri} is given {len(r.spellings)} times "
@@ -163,10 +165,10 @@ def _run(args, ex: ExecPlan, plan: TeacherPlan, refs: list, writer: RunWriter, i
     if not inputs.todo:
         print("[pseudo-label] cache hit: every shard is complete for this fingerprint; no teacher batch was run",
               flush=True)
-        return report(writer, progress, skipped, None, args, ex, cache_hit=True)
+        return report(writer, progress, skipped, None, args, ex, plan_s, cache_hit=True)
     todo = {inputs.names[r.uri]: (r.uri, r.size) for r in inputs.todo}
     tracker = execute(ex, plan, writer, todo, progress, on_records)
-    return report(writer, progress, skipped, tracker, args, ex, damaged=len(inputs.damaged))
+    return report(writer, progress, skipped, tracker, args, ex, plan_s, damaged=len(inputs.damaged))
 
 
 def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: dict[str, tuple[str, int]],
@@ -174,6 +176,7 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     """The Ray dataset of the run (decode tasks -> teacher actors writing parts) whose rows
     are PART / END records; built apart from draining it so benches and tests can drain it
     their own way."""
+    import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -181,13 +184,17 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     from pipeline.teacher.predictor import TeacherPredictor
 
     concurrency = actor_concurrency(ex, use_gpu)
-    items = [{"name": n, "uri": u} for n, (u, _) in shards.items()]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Decode runs as plain CPU tasks, each reading whole shards (one, or a few small ones: see
     # shards_per_decode_task). Its memory reservation (a bucket of decoded audio) also makes its
     # remote args differ from the teacher's, so Ray Data does not fuse the two into one actor,
     # which would serialise decode and forward instead of overlapping them.
     group = shards_per_decode_task([size for _, size in shards.values()], ray.cluster_resources().get("CPU", 1))
+    # One input block per decode task, exactly ``group`` shards each (the last may hold fewer), so
+    # that no task is cut from two blocks. One block per shard cost the driver ~20 KB of Ray
+    # objects and metadata per shard (bench/many_shards.py).
+    names, uris = list(shards), [u for u, _ in shards.values()]
+    ds = ray.data.from_arrow([pa.table({"name": names[i:i + group], "uri": uris[i:i + group]})
+                              for i in range(0, len(names), group)])
     ds = ds.map_batches(DecodeShards(plan.preprocessing, ex.bucket_rows, ex.parquet_options, ex.limits),
                         batch_size=group, num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
@@ -332,7 +339,7 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
 
 
 def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTracker | None, args, ex: ExecPlan,
-           cache_hit: bool = False, damaged: int = 0) -> int:
+           plan_s: float, cache_hit: bool = False, damaged: int = 0) -> int:
     """Print the summary (table + one JSON line), record it in the manifest, return the exit code."""
     m = writer.manifest
     el = progress.elapsed
@@ -350,7 +357,7 @@ def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTr
         "shards_total": len(m.shards),
         "samples": progress.samples, "frames": progress.frames, "errors": progress.errors,
         "errors_by_reason": dict(sorted(reasons.items())), "run_error_rate": round(rate, 6),
-        "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2),
+        "seconds": round(el, 2), "startup_seconds": round(progress.startup, 2), "plan_seconds": round(plan_s, 2),
         "samples_per_s": round(progress.samples / el, 2) if el > 0 else 0.0,
         "bytes_written": progress.written,
         "bytes_per_sample": round(progress.written / progress.samples, 2) if progress.samples else None,
@@ -374,7 +381,7 @@ def report(writer: RunWriter, progress: Progress, skipped: int, tracker: ShardTr
               f"{decoded['cpu_decoded']:,} by the decode tasks (not GPU-decodable), "
               f"{decoded['cpu_fallback']:,} refused by the GPU decoder and decoded on the host")
     print(f"  throughput   {summary['samples_per_s']:,} samples/s over {fmt_duration(el)} "
-          f"(+{progress.startup:.1f} s start-up)")
+          f"(+{progress.startup:.1f} s start-up, {plan_s:.1f} s planning)")
     per = summary["bytes_per_frame"] if m.level == "frame" else summary["bytes_per_sample"]
     print(f"  written      {progress.written:,} bytes" + (f", {per} bytes per {unit}" if per else ""))
     print(f"  driver       received {received:,} bytes of records"
