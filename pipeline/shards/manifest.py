@@ -13,7 +13,7 @@ import datetime as _dt
 import json
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pipeline import storage
@@ -178,8 +178,10 @@ class Manifest:
     shards: dict[str, ShardRecord] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d.pop("shards")
+        # Field by field (all plain JSON values), leaving out the shards: asdict would first
+        # deep-copy every shard record (~60 us each), and the manifest is saved every few
+        # seconds of a run: 6 s a save at 100,000 shards.
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shards"}
         return json.dumps(d, indent=1, sort_keys=True)
 
     def facts(self) -> RunFacts:
