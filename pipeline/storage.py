@@ -105,12 +105,27 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+# Retries of s3:// requests, set here only. botocore retries every request (5xx, throttling,
+# dropped connections, cut bodies) in 'standard' mode: exponential backoff with jitter, at most
+# 20 s between tries, S3_MAX_ATTEMPTS tries in all; s3fs retries throttling and dropped
+# connections again around that (5 tries). AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, when set, win.
+S3_MAX_ATTEMPTS = 8
+
+
+def s3_options() -> dict:
+    """Keyword arguments for s3fs.S3FileSystem: the retry policy above."""
+    if os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return {}  # botocore reads them itself
+    return {"config_kwargs": {"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}}}
+
+
 @_reaching("open")
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
     if is_remote(uri):
         # Listings must never be stale: a rerun looks for shards the last run just wrote.
-        fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False)
+        extra = s3_options() if uri.split("://", 1)[0] in ("s3", "s3a") else {}
+        fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False, **extra)
     else:
         fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
