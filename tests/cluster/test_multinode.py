@@ -83,6 +83,7 @@ class LocalCluster:
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.sessions: set[int] = set()
+        self.nodes: dict[str, tuple[int, list[str]]] = {}  # name -> (session id, `ray start` args)
         self.logs: list[Path] = []
         self._down = False
         atexit.register(self.down)  # last resort if the fixture's teardown never runs
@@ -96,6 +97,7 @@ class LocalCluster:
             proc = subprocess.Popen([RAY, "start", *args], env=self.env, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             self.sessions.add(proc.pid)
+            self.nodes[name] = (proc.pid, args)
             rc = proc.wait(timeout=180)
         if rc != 0:
             raise RuntimeError(f"ray start ({name}) failed with {rc}:\n{log.read_text()[-3000:]}")
@@ -122,6 +124,55 @@ class LocalCluster:
                 return
             time.sleep(1)
         raise RuntimeError(f"the cluster did not come up with {1 + workers} nodes")
+
+    def alive(self) -> int:
+        return len([n for n in self.state("nodes") if n["state"] == "ALIVE"])
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL every process of one node (its raylet, agents and workers: the session of its
+        `ray start`), as a machine that vanishes; returns how many processes were killed."""
+        sid = self.nodes[name][0]
+        procs = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) == sid:
+                    procs.append(p)
+            except (OSError, psutil.Error):
+                continue
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        return len(procs)
+
+    def restart_node(self, name: str) -> None:
+        """`ray start` the node again with the same arguments (a replacement machine joining)."""
+        before = self.alive()
+        self._ray_start(name, self.nodes[name][1])
+        deadline = time.time() + 120
+        while self.alive() <= before and time.time() < deadline:
+            time.sleep(1)
+
+    def submit_nowait(self, name: str, entrypoint: list[str]) -> str:
+        """`ray job submit --no-wait`; returns the submission id."""
+        sub_id = f"kd-{name}-{secrets.token_hex(3)}"
+        self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".", "--submission-id", sub_id,
+                 "--no-wait", "--", *entrypoint, timeout=120)
+        return sub_id
+
+    def wait_job(self, sub_id: str, timeout: float = 400) -> tuple[dict, str]:
+        """(job info, logs) once the job has ended."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.api(f"/api/jobs/{sub_id}")
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return info, self.api(f"/api/jobs/{sub_id}/logs")["logs"]
+            time.sleep(1)
+        logs = self.api(f"/api/jobs/{sub_id}/logs")["logs"]
+        self.ray("job", "stop", "--address", self.dashboard, sub_id, check=False)
+        raise AssertionError(f"job {sub_id} still running after {timeout} s:\n{logs[-6000:]}")
 
     def ray(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         """A `ray` CLI command against this cluster (with its token), from the repository root."""
@@ -308,3 +359,71 @@ def test_jobs_on_a_multinode_cluster_with_s3(cluster, s3_bucket, tmp_path):
     assert result == json.loads([ln for ln in logs.splitlines() if ln.startswith('{"checkpoint"')][-1])
     assert result["mode"] == "softtargets" and result["samples"] == SHARDS * PER_SHARD
     assert 0 <= result["agreement"] <= 1 and result["kl"] >= 0
+
+
+def _wait_for(what: str, cond, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except Exception:  # not there yet (no manifest, no metrics)
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_node_lost_mid_run(cluster, s3_bucket, tmp_path):
+    """The worker node's processes are killed mid pseudo-label and mid training; it comes back
+    (a replacement machine) only after the loss has been seen."""
+    c = cluster
+    fs = s3fs.S3FileSystem()
+    shards = 8
+    waves = audio_corpus(tmp_path / "pool", shards=shards, per_shard=PER_SHARD, seed=72, labels=False)
+    for p in sorted((tmp_path / "pool").iterdir()):
+        fs.put_file(str(p), f"{s3_bucket}/corpus/{p.name}")
+    base = f"s3://{s3_bucket}"
+    pl = ["python", "jobs/pseudo_label.py", "--input", f"{base}/corpus", "--output", f"{base}/st",
+          "--teacher", SLOW_TEACHER, "--trust-module", "tests.teacher_models", "--top-k", "5", "--batch-size", "1",
+          "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"]
+
+    # 1) pseudo-labelling: the worker node dies once a shard is committed
+    sub = c.submit_nowait("pl-loss", pl)
+    _wait_for("a committed shard", lambda: len(SoftTargetRun(f"{base}/st").shard_names) >= 1)
+    killed = c.kill_node("worker0")
+    committed = len(SoftTargetRun(f"{base}/st").shard_names)
+    t_kill = time.monotonic()
+    info, logs = c.wait_job(sub)
+    print(f"[cluster] killed {killed} processes of worker0 with {committed}/{shards} shards committed; "
+          f"pseudo-label {info['status']} {time.monotonic() - t_kill:.0f} s later")
+    assert killed >= 3 and committed < shards  # the raylet, its agents, the workers; mid-run
+    c.restart_node("worker0")
+    if info["status"] != "SUCCEEDED":  # allowed: a clear failure, then a rerun that completes
+        assert "[pseudo-label]" in logs.strip().splitlines()[-1], logs[-3000:]
+        info, logs = c.submit("pl-rerun", pl)
+    run = SoftTargetRun(f"{base}/st")
+    keys = [k for n in run.shard_names for k in run.read_table(n).column("key").to_pylist()]
+    assert sorted(keys) == sorted(waves)  # every key exactly once
+    assert run.verify(deep=True) == {}
+
+    # 2) training (DDP over both nodes; a student slowed to 1 s a step, so an epoch outlasts the
+    # kill): the worker node dies after the first epoch's checkpoint and comes back 5 s later
+    out = f"{base}/student"
+    train = ["python", "jobs/train_student.py", "--soft-targets", f"{base}/st", "--output", out,
+             "--student", "tests.teacher_models:slow_audio_cnn?delay=1.0&width=4&depth=2",
+             "--trust-module", "tests.teacher_models", "--epochs", "3", "--workers", "2", "--cpus-per-worker", "2",
+             "--batch-size", "4"]
+    sub = c.submit_nowait("train-loss", train)
+    _wait_for("epoch 1", lambda: fs.exists(f"{s3_bucket}/student/metrics.jsonl"))
+    c.kill_node("worker0")
+    epochs_at_kill = len(fs.cat_file(f"{s3_bucket}/student/metrics.jsonl").decode().splitlines())
+    time.sleep(5)
+    c.restart_node("worker0")
+    info, logs = c.wait_job(sub, timeout=400)
+    assert info["status"] == "SUCCEEDED", logs[-6000:]
+    assert epochs_at_kill < 3 and "[train] worker group failed" in logs, logs[-6000:]
+    metrics = [json.loads(ln) for ln in fs.cat_file(f"{s3_bucket}/student/metrics.jsonl").decode().splitlines()]
+    # resumed from the checkpoint: no finished epoch replayed, steps continue
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and [m["step"] for m in metrics] == [4, 8, 12]
+    print(f"[cluster] student: worker0 killed after {epochs_at_kill} epoch(s); resumed, 3 epochs, each once")
+
