@@ -1,4 +1,4 @@
-# python bench/many_shards.py                  (20,000 and 100,000 tiny shards; ~25 min on 2 cores)
+# python bench/many_shards.py                  (20,000 and 100,000 tiny shards; ~15 min on 2 cores)
 # python bench/many_shards.py --smoke          (1,000 and 3,000 shards: checks that it runs, ~2 min)
 """What kdpipe's bookkeeping costs per shard, at 20,000 and 100,000 shards (issue 23 item 5).
 

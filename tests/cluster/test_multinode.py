@@ -60,6 +60,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill(procs: list[psutil.Process]) -> None:
+    """SIGKILL these processes and wait (10 s at most) until they are gone."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 class LocalCluster:
     """A head and worker nodes started with `ray start` on this machine; `down()` kills them all."""
 
@@ -139,12 +149,7 @@ class LocalCluster:
                     procs.append(p)
             except (OSError, psutil.Error):
                 continue
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _kill(procs)
         return len(procs)
 
     def restart_node(self, name: str) -> None:
@@ -248,12 +253,7 @@ class LocalCluster:
             procs = self._processes()
             if not procs:
                 break
-            for p in procs:
-                try:
-                    p.send_signal(signal.SIGKILL)
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(procs, timeout=10)
+            _kill(procs)
         self._down = not self._processes()
         if self._down:
             shutil.rmtree(self.root, ignore_errors=True)
