@@ -14,9 +14,9 @@ training worker (--cpus-per-worker 2) leaves room for only one of its kind per 3
 of them must run on two nodes; Ray's state API (what `ray list actors` shows) then names the
 node ids they ran on.
 
-Isolation from the rest of the suite and from other Ray users on this machine: the cluster has
-its own --temp-dir (so `ray.init()` elsewhere does not find it through /tmp/ray/ray_current_cluster),
-its own ports and its own token file; RAY_ADDRESS is never set in this process. Teardown kills
+Isolation from the rest of the suite and from other Ray users on this machine: each node has its
+own --temp-dir under the cluster's root (so `ray.init()` elsewhere does not find it through
+/tmp/ray/ray_current_cluster), the cluster its own ports and its own token file; RAY_ADDRESS is never set in this process. Teardown kills
 exactly this cluster's processes (the sessions of our `ray start` commands plus anything whose
 command line names our temp dir) and never runs `ray stop`: that matches processes by name and
 would kill every Ray on the machine, including the suite's local Ray.
@@ -76,7 +76,6 @@ class LocalCluster:
     def __init__(self):
         # Short root: Ray puts unix sockets under it (path limit ~107 bytes).
         self.root = Path(tempfile.mkdtemp(prefix="kdc-", dir="/tmp"))
-        self.temp_dir = str(self.root / "ray")
         token = self.root / "auth_token"
         self.token = secrets.token_hex(32)
         token.write_text(self.token)
@@ -112,18 +111,25 @@ class LocalCluster:
         if rc != 0:
             raise RuntimeError(f"ray start ({name}) failed with {rc}:\n{log.read_text()[-3000:]}")
 
+    def _common(self, name: str) -> list[str]:
+        # Each node its own --temp-dir, as each machine of a real cluster has its own disk. Shared,
+        # the nodes would share runtime_resources/: a worker node's runtime-env agent, creating a
+        # job's working_dir there (it unpacks with overwrite), deletes and rewrites the directory
+        # the job's driver on the head is importing from (ModuleNotFoundError mid-run, seen in CI).
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(NODE_CPUS),
+                "--temp-dir", str(self.root / name), "--object-store-memory", str(150 * 1024 * 1024),
+                "--disable-usage-stats"]
+
     def start(self, workers: int = 1) -> None:
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(NODE_CPUS), "--temp-dir", self.temp_dir,
-                  "--object-store-memory", str(150 * 1024 * 1024), "--disable-usage-stats"]
         self._ray_start("head", [
             "--head", "--port", str(self.gcs_port), "--resources", json.dumps({"kd_head": 1}),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-            *common])
+            *self._common("head")])
         for i in range(workers):
             self._ray_start(f"worker{i}", [
                 "--address", f"127.0.0.1:{self.gcs_port}", "--resources", json.dumps({f"kd_worker{i}": 1}),
-                "--dashboard-agent-listen-port", str(_free_port()), *common])
+                "--dashboard-agent-listen-port", str(_free_port()), *self._common(f"w{i}")])
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
