@@ -137,10 +137,48 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        if ray.get_runtime_context().runtime_env.get("working_dir"):
+            for line in shared_temp_dirs(ray.nodes()):
+                print(f"[kdpipe] warning: {line}", flush=True)
         return
     ray.init(logging_level="WARNING", include_dashboard=dashboard, log_to_driver=dashboard,
              _system_config=None if dashboard else {"enable_metrics_collection": False},
              runtime_env={"env_vars": {"PYTHONPATH": _repo_root_pythonpath()}})
+
+
+def check_cpu_room(job: str, count_flag: str, count: int, per_flag: str, per: float, address: str | None) -> None:
+    """Refuse (embedded Ray) or warn (a cluster, which may autoscale) when ``count`` actors or
+    workers of ``per`` CPUs each leave less than one of the cluster's CPUs for the decode tasks
+    that feed them: Ray would wait for a CPU forever, silently. Call after ``init_ray``."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if count * per <= cpus - 1:
+        return
+    msg = (f"{count_flag} {count} x {per_flag} {per:g} leaves less than one of the cluster's {cpus:g} CPUs for "
+           f"decoding the data; lower {per_flag} (e.g. 0.5) or {count_flag}")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise SystemExit(msg)  # a fixed local Ray would wait forever
+    print(f"[{job}] warning: {msg}, unless the cluster autoscales", flush=True)
+
+
+def shared_temp_dirs(nodes: list[dict]) -> list[str]:
+    """One line per group of alive Ray nodes that run on one host from one temp dir (``ray
+    start`` twice on a machine without ``--temp-dir``); ``nodes``: ``ray.nodes()``.
+
+    Such nodes share runtime_resources/, and each node's runtime-env agent unpacks a job's
+    --working-dir there with overwrite: the second node's unpack deletes and rewrites the
+    directory the job's driver and the first node's workers run from, mid-run (a lost current
+    directory, modules that vanish for a moment). Machines of a real cluster have their own disks."""
+    groups: dict[tuple, list[str]] = {}
+    for n in nodes:
+        if n.get("Alive"):
+            session = os.path.dirname(os.path.dirname(n.get("RayletSocketName", "")))  # <temp>/session_*/sockets/raylet
+            groups.setdefault((n.get("NodeManagerHostname"), n.get("NodeManagerAddress"), session), []).append(n["NodeID"])
+    return [f"{len(ids)} Ray nodes on host {host} ({addr}) share the temp dir {os.path.dirname(session)}: each unpacks "
+            f"the job's --working-dir into {session}/runtime_resources over the copy the others run from; start "
+            "each node with its own `ray start --temp-dir DIR`"
+            for (host, addr, session), ids in sorted(groups.items()) if session and len(ids) > 1]
 
 
 def _repo_root_pythonpath() -> str:

@@ -43,7 +43,9 @@ def storage_failure(e: BaseException) -> StorageError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, StorageError):
+        # A remote task's error (ray.exceptions.RayTaskError) is an instance of its cause's class
+        # too, but its text is the whole remote traceback: only a one-line one is the message.
+        if isinstance(e, StorageError) and "\n" not in str(e).strip():
             return e
         # A Ray Data UDF's error reaches the driver as a UserCodeException whose cause did not
         # travel; the worker's traceback (its text) still ends in the StorageError's line.
@@ -61,7 +63,8 @@ def what_to_do(e: StorageError) -> str:
     text = str(e)
     if "No space left" in text or "Disk quota" in text or "Errno 28" in text or "Errno 122" in text:
         return "free space there (or give another output) and rerun: it resumes from what was saved"
-    if "Permission denied" in text or "AccessDenied" in text or "Errno 13" in text or "Read-only" in text:
+    # (s3fs turns S3's AccessDenied into PermissionError('Access Denied'))
+    if any(m in text for m in ("Permission denied", "PermissionError", "AccessDenied", "Errno 13", "Read-only")):
         return "check the permissions / credentials for that location and rerun: it resumes from what was saved"
     if "NoSuchBucket" in text:
         return "create the bucket (or fix the URI) and rerun"

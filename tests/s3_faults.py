@@ -14,6 +14,10 @@ test turns faults on; then a fraction ``rate`` of requests meets one of:
 - ``cut_body``: the answer's headers and the first half of its body reach the client, then the
   connection is reset (a GET cut mid-download).
 
+and, only when named (it is not transient: clients do not retry it),
+- ``denied``: 403 AccessDenied to a request with a body (a write), nothing forwarded: a role
+  that may read the bucket but not write it.
+
 Control, over HTTP on the same port (no bucket can be named ``__faults__``):
 ``PUT /__faults__`` with ``{"rate": 0.1, "seed": 0, "kinds": [...]}`` sets the faults and zeroes
 the counts; ``GET /__faults__`` returns ``{"requests": N, "faults": {kind: n}}``.
@@ -31,7 +35,8 @@ import sys
 from collections import Counter
 from urllib.parse import urlparse
 
-KINDS = ("slowdown", "internal", "reset", "cut_put", "cut_body")
+KINDS = ("slowdown", "internal", "reset", "cut_put", "cut_body")  # transient: the default
+ALL_KINDS = KINDS + ("denied",)
 CONTROL = "/__faults__"
 
 
@@ -43,7 +48,7 @@ class Faults:
         self.requests, self.counts = 0, Counter()
 
     def set(self, rate: float, seed: int = 0, kinds=KINDS) -> None:
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - set(ALL_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}")
         self.rate, self.kinds, self.rng = float(rate), tuple(kinds), random.Random(seed)
@@ -54,7 +59,7 @@ class Faults:
         self.requests += 1
         if self.rate <= 0 or self.rng.random() >= self.rate:
             return None
-        kinds = [k for k in self.kinds if has_body or k != "cut_put"]
+        kinds = [k for k in self.kinds if has_body or k not in ("cut_put", "denied")]
         if not kinds:
             return None
         kind = self.rng.choice(kinds)
@@ -119,7 +124,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 def error_response(status: int, code: str, message: str) -> bytes:
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
             f"<RequestId>kdpipe-fault</RequestId></Error>").encode()
-    reason = {500: "Internal Server Error", 503: "Slow Down"}[status]
+    reason = {403: "Forbidden", 500: "Internal Server Error", 503: "Slow Down"}[status]
     head = [("Content-Type", "application/xml"), ("Content-Length", str(len(body))), ("x-amz-request-id", "kdpipe-fault")]
     return encode_head(f"HTTP/1.1 {status} {reason}", head) + body
 
@@ -174,7 +179,9 @@ class Proxy:
             writer.write(error_response(503, "SlowDown", "Please reduce your request rate."))
         elif fault == "internal":
             writer.write(error_response(500, "InternalError", "We encountered an internal error. Please try again."))
-        if fault in ("slowdown", "internal"):
+        elif fault == "denied":
+            writer.write(error_response(403, "AccessDenied", "Access Denied"))
+        if fault in ("slowdown", "internal", "denied"):
             await writer.drain()
             return True
         if fault == "reset":

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -26,6 +32,7 @@ from pipeline.teacher.job import run as pseudo_label
 from tests.helpers import audio_corpus
 from tests.s3_faults import KINDS
 
+REPO = Path(__file__).resolve().parents[1]
 TEACHER = "pipeline.models.zoo:audio_cnn?width=8"
 STUDENT = "pipeline.models.zoo:audio_cnn?width=4&depth=2"
 
@@ -94,3 +101,53 @@ def test_pseudo_label_and_student_through_faults(tmp_path, ray_local, s3_bucket,
     with capsys.disabled():
         print(f"\n[s3 faults] {sum(total.values())} faults injected into {requests} requests and survived "
               f"(pseudo-label {teacher_faults['requests']}, student {student_faults['requests']}): {total}")
+
+
+def test_write_access_lost_mid_run_ends_with_one_line(tmp_path, ray_local, s3_bucket, s3_faults):
+    """Issue 23 item 2 on S3: once the teacher has written parts, the bucket refuses every
+    write (403 AccessDenied, which no client retries). The job ends with exit 3 and one last
+    line naming the object, the cause and what to do; the run directory it leaves opens and
+    verifies (its manifest does not lie); once writes are allowed again a rerun completes,
+    every key once."""
+    fs = s3fs.S3FileSystem()
+    waves = audio_corpus(tmp_path / "pool", shards=3, per_shard=4, seed=73, labels=False)
+    for p in sorted((tmp_path / "pool").iterdir()):
+        fs.put_file(str(p), f"{s3_bucket}/pool/{p.name}")
+    base = f"s3://{s3_bucket}"
+    argv = ["--input", f"{base}/pool", "--output", f"{base}/st", "--top-k", "5", "--batch-size", "2",
+            "--progress-interval", "5"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the proxy's endpoint included
+    env["PYTHONPATH"] = str(REPO)
+    # A job of its own (a rerun needs the failed job's process gone: its lease names its pid);
+    # a teacher of 0.5 s a batch, so the run outlasts the switch.
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pseudo_label.py"), *argv, "--teacher",
+                             "tests.teacher_models:slow_audio_cnn?delay=0.5&width=8", "--trust-module",
+                             "tests.teacher_models"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not fs.find(f"{s3_bucket}/st/_parts"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+            fs.invalidate_cache()
+        s3_faults.set(1.0, kinds=["denied"])
+        out, err = proc.communicate(timeout=240)
+        denied = s3_faults.report()["faults"].get("denied", 0)
+    finally:
+        s3_faults.set(0.0)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == storage.STORAGE_EXIT, (out + err)[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"\[pseudo-label\] storage error: {base}/st/\S+: cannot write \(PermissionError: Access "
+                        r"Denied\); check the permissions / credentials for that location and rerun: it resumes from "
+                        r"what was saved", last), last
+    assert denied >= 1
+    run = SoftTargetRun(f"{base}/st")
+    assert run.verify(deep=True) == {} and len(run.shard_names) < 3  # what it says it has, it has
+    assert pseudo_label([*argv, "--teacher", "tests.teacher_models:slow_audio_cnn?delay=0.5&width=8",
+                         "--trust-module", "tests.teacher_models"]) == 0
+    run = SoftTargetRun(f"{base}/st")
+    keys = [k for n in run.shard_names for k in run.read_table(n).column("key").to_pylist()]
+    assert sorted(keys) == sorted(waves) and run.verify(deep=True) == {}
+    print(f"\n[s3 faults] writes denied once parts were written: {denied} refused; {last}")

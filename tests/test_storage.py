@@ -164,3 +164,14 @@ def test_storage_failure_is_found_however_ray_wrapped_it():
     found = storage_failure(UserCodeError())
     assert isinstance(found, StorageError) and str(found) == "s3://b/run/_parts/a.parquet: cannot write (ClientError: AccessDenied)"
     assert "free space" in what_to_do(err) and "permissions" in what_to_do(found)
+
+    # An actor task's error (the compactor's): Ray's RayTaskError is an instance of its cause's
+    # class too, its text the whole remote traceback; the cause's one line is what is reported.
+    from ray.exceptions import RayTaskError
+
+    line = "s3://b/run/shards/a.parquet: cannot write (PermissionError: Access Denied)"
+    remote = RayTaskError("Compactor.compact", f"Traceback (most recent call last):\n  ...\n"
+                          f"pipeline.storage.StorageError: {line}", StorageError(line)).as_instanceof_cause()
+    assert isinstance(remote, StorageError) and "\n" in str(remote)
+    found = storage_failure(remote)
+    assert str(found) == line and "permissions" in what_to_do(found)

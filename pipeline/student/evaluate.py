@@ -18,6 +18,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
+# Everything the driver and its actors use is imported now, not first mid-run: the driver's
+# copy of pipeline/ may be rewritten under it (see pipeline.teacher.job).
+from pipeline import pitch as pitch_math
 from pipeline import storage
 from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
                           limits_from_args, resolve_preprocessing, use_gpu)
@@ -25,11 +28,13 @@ from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.models.facts import declare, frame_stride, resolve
+from pipeline.models.runner import ModelRunner
 from pipeline.models.spec import SpecError, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.shards.manifest import MANIFEST_FILE
 from pipeline.storage import StorageError
-from pipeline.student.data import F0_FRAME_MS, collate
+from pipeline.student.data import F0_FRAME_MS, ShardRows, collate
+from pipeline.student.errors import data_error
 from pipeline.student.losses import kd_kl
 from pipeline.student.metrics import accuracy_counts, target_positions
 from pipeline.student.plan import DataPlan
@@ -76,8 +81,6 @@ class EvalPredictor:
 
     def __init__(self, checkpoints: list[str], trust: tuple, data: DataPlan, device: str, pitch: bool = False,
                  voicing_threshold: float = 0.5):
-        from pipeline.models.runner import ModelRunner
-
         runner = ModelRunner.from_specs(checkpoints, trust, data.preprocessing, device)
         self.runner, self.data = runner, data
         self.pitch, self.threshold = pitch, voicing_threshold
@@ -112,15 +115,13 @@ class EvalPredictor:
 
     def _pitch(self, logits, frames, b, kind: str) -> dict:
         """Pitch counts of the rows that have a reference contour (.f0.npy)."""
-        from pipeline import pitch
-
-        total = pitch.PitchCounts()
-        cents = pitch.decode(logits).cpu().numpy()  # (B, T)
-        conf = pitch.confidence(logits, kind).cpu().numpy()
+        total = pitch_math.PitchCounts()
+        cents = pitch_math.decode(logits).cpu().numpy()  # (B, T)
+        conf = pitch_math.confidence(logits, kind).cpu().numpy()
         f0, f0_len, T = b["f0"].cpu().numpy(), b["f0_len"].cpu().numpy(), frames.cpu().numpy()
         for i in np.nonzero(f0_len)[0]:
-            ref = pitch.align_reference(f0[i, : f0_len[i]], self.data.frame_shift_ms, int(T[i]), F0_FRAME_MS)
-            total = total + pitch.pitch_counts(cents[i, : T[i]], ref, conf[i, : T[i]], self.threshold)
+            ref = pitch_math.align_reference(f0[i, : f0_len[i]], self.data.frame_shift_ms, int(T[i]), F0_FRAME_MS)
+            total = total + pitch_math.pitch_counts(cents[i, : T[i]], ref, conf[i, : T[i]], self.threshold)
         return {k: float(getattr(total, k)) for k in PITCH_STATS}
 
 
@@ -190,8 +191,6 @@ def run(argv=None) -> int:
     try:
         totals = evaluate(args, trust, data, tasks, soft_run, pitch)
     except Exception as e:
-        from pipeline.student.errors import data_error
-
         message = data_error(e)
         if message is None:
             raise
@@ -231,9 +230,7 @@ def model_result(args, checkpoint: str, i: int, ck: dict, totals: dict, soft_run
     else:
         result["accuracy"] = t["correct"] / t["total"] if t["total"] else None
     if pitch:
-        from pipeline.pitch import PitchCounts
-
-        counts = PitchCounts(**{k: type(getattr(PitchCounts(), k))(t[k]) for k in PITCH_STATS})
+        counts = pitch_math.PitchCounts(**{k: type(getattr(pitch_math.PitchCounts(), k))(t[k]) for k in PITCH_STATS})
         result["pitch"] = {k: (None if isinstance(v, float) and v != v else v) for k, v in counts.metrics().items()}
         result["pitch"]["voicing_threshold"] = args.voicing_threshold
     return result
@@ -244,7 +241,6 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[ShardTask], soft_ru
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.student.data import ShardRows
 
     init_ray(args.address, args.dashboard)
     DataContext.get_current().enable_progress_bars = False

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray, limits_from_args, \
-    resolve_preprocessing, use_gpu
+from pipeline.cli import add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, check_cpu_room, init_ray, \
+    limits_from_args, resolve_preprocessing, use_gpu
 from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, shard_name
 from pipeline.modalities import preprocessing_from_dict
@@ -426,13 +426,7 @@ def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: li
     init_ray(ex.address, ex.dashboard)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(ex.device)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if ex.workers * ex.cpus_per_worker > cpus - 1:
-        msg = (f"--workers {ex.workers} x --cpus-per-worker {ex.cpus_per_worker} leaves less than one of the "
-               f"cluster's {cpus:g} CPUs for decoding the data; lower --cpus-per-worker (e.g. 0.5)")
-        if not (ex.address or os.environ.get("RAY_ADDRESS")):
-            raise SystemExit(msg)  # a fixed local Ray would wait forever
-        print(f"[train] warning: {msg}, unless the cluster autoscales", flush=True)
+    check_cpu_room("train", "--workers", ex.workers, "--cpus-per-worker", ex.cpus_per_worker, ex.address)
     rows = ShardRows(sp.data, cache.uri if cache else None, cache.facts if cache else None,
                      {"key_column": ex.key_column, "data_column": ex.data_column},
                      cache.manifest.input_options if cache else None)

@@ -17,14 +17,20 @@ from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 from pipeline import storage
-from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag, init_ray,
-                          use_gpu)
+from pipeline.cli import (DECODE_TASK_MEMORY, add_limit_flags, add_preprocessing_flags, add_ray_flags, add_trust_flag,
+                          check_cpu_room, init_ray, use_gpu)
 from pipeline.config import ConfigError, JobParser, add_config_flag, parse_args
 from pipeline.inputs import SHARD_EXTENSIONS, check_parquet_shard
 from pipeline.shards import FormatError, LeaseHeld, RunWriter
 from pipeline.storage import STORAGE_EXIT, StorageError, storage_failure, what_to_do
 from pipeline.teacher.commit import Progress, ShardTracker, fmt_duration
+# Imported now although only the workers run them: under `ray job submit --working-dir`, the
+# driver's copy of pipeline/ may be deleted or rewritten under it mid-run (see
+# pipeline.cli.shared_temp_dirs), and a module first imported then would not be found.
+from pipeline.teacher.compact import Compactor
+from pipeline.teacher.decode import DecodeShards
 from pipeline.teacher.plan import ExecPlan, TeacherPlan, exec_plan, plan_teacher
+from pipeline.teacher.predictor import TeacherPredictor
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -180,9 +186,6 @@ def build_dataset(ex: ExecPlan, plan: TeacherPlan, run_uri: str, facts, shards: 
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.teacher.decode import DecodeShards
-    from pipeline.teacher.predictor import TeacherPredictor
-
     concurrency = actor_concurrency(ex, use_gpu)
     # Decode runs as plain CPU tasks, each reading whole shards (one, or a few small ones: see
     # shards_per_decode_task). Its memory reservation (a bucket of decoded audio) also makes its
@@ -263,8 +266,6 @@ def ray_compactor(run_uri: str, facts):
     from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.teacher.compact import Compactor
-
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     pool = [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(run_uri, facts)
@@ -322,6 +323,7 @@ def execute(ex: ExecPlan, plan: TeacherPlan, writer: RunWriter, shards: dict[str
     gpu = use_gpu(ex.device)
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = ex.actors or (max(1, int(gpus // ex.gpus_per_actor)) if gpus and gpu else 1)
+    check_cpu_room("pseudo-label", "--actors", actors, "--cpus-per-actor", ex.cpus_per_actor, ex.address)
     print(f"[pseudo-label] {actors} teacher actor(s) on {'GPU' if gpu else 'CPU (no GPU in the cluster)'}, "
           f"batch {ex.batch_size}, {actor_concurrency(ex, gpu)} call(s) in flight per actor, {len(shards)} shard(s) "
           "to compute", flush=True)

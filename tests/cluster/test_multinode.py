@@ -73,7 +73,8 @@ def _kill(procs: list[psutil.Process]) -> None:
 class LocalCluster:
     """A head and worker nodes started with `ray start` on this machine; `down()` kills them all."""
 
-    def __init__(self):
+    def __init__(self, node_cpus: int = NODE_CPUS, shared_temp_dir: bool = False):
+        self.node_cpus, self.shared_temp_dir = node_cpus, shared_temp_dir
         # Short root: Ray puts unix sockets under it (path limit ~107 bytes).
         self.root = Path(tempfile.mkdtemp(prefix="kdc-", dir="/tmp"))
         token = self.root / "auth_token"
@@ -116,8 +117,9 @@ class LocalCluster:
         # the nodes would share runtime_resources/: a worker node's runtime-env agent, creating a
         # job's working_dir there (it unpacks with overwrite), deletes and rewrites the directory
         # the job's driver on the head is importing from (ModuleNotFoundError mid-run, seen in CI).
-        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(NODE_CPUS),
-                "--temp-dir", str(self.root / name), "--object-store-memory", str(150 * 1024 * 1024),
+        # (shared_temp_dir: that situation, as `ray start` twice on one machine gives by default.)
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.node_cpus),
+                "--temp-dir", str(self.root / ("shared" if self.shared_temp_dir else name)), "--object-store-memory", str(150 * 1024 * 1024),
                 "--disable-usage-stats"]
 
     def start(self, workers: int = 1) -> None:
@@ -318,6 +320,7 @@ def test_jobs_on_a_multinode_cluster_with_s3(cluster, s3_bucket, tmp_path):
         "--top-k", "5", "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "2", "--progress-interval", "5"])
     s = _summary(logs)
     assert s["shards_done"] == SHARDS and s["samples"] == SHARDS * PER_SHARD and s["errors"] == 0
+    assert "[kdpipe] warning" not in logs  # each node its own temp dir: nothing shared
     run = SoftTargetRun(f"{base}/st")
     assert sorted(run.shard_names) == [f"shard-{i:04d}" for i in range(SHARDS)]
     assert all(run.manifest.shards[n].input == f"{base}/corpus/{n}.tar" for n in run.shard_names)
@@ -433,3 +436,34 @@ def test_a_node_lost_mid_run(cluster, s3_bucket, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2, 3] and [m["step"] for m in metrics] == [4, 8, 12]
     print(f"[cluster] student: worker0 killed after {epochs_at_kill} epoch(s); resumed, 3 epochs, each once")
 
+
+
+def test_one_cpu_nodes_sharing_a_temp_dir(tmp_path):
+    """Issue 23 item 1: `ray start` twice on one machine (1 CPU each, one temp dir, as by default).
+    Each node's runtime-env agent unpacks the job's --working-dir into the shared
+    runtime_resources/ with overwrite, so the second deletes and rewrites the directory the
+    driver runs from, mid-run. The job said nothing and exited 1 at its cleanup (os.getcwd()
+    of a deleted directory); now it warns, names the fix, and completes."""
+    c = LocalCluster(node_cpus=1, shared_temp_dir=True)
+    try:
+        c.start(workers=1)
+        waves = audio_corpus(tmp_path / "in", shards=4, per_shard=4, seed=29, labels=False)
+        out = tmp_path / "st"
+        info, logs = c.submit("pl-1cpu", [
+            "python", "jobs/pseudo_label.py", "--input", str(tmp_path / "in"), "--output", str(out),
+            "--teacher", "tests.teacher_models:slow_audio_cnn?delay=0.3&width=8", "--trust-module",
+            "tests.teacher_models", "--batch-size", "2", "--progress-interval", "5"])
+        # the hazard happened: both nodes' agents unpacked the working dir into the one directory
+        agents = sorted((c.root / "shared").glob("session_latest/logs/runtime_env_agent*.log"))
+        created = [f.read_text().count('Creating runtime env: {"working_dir"') for f in agents]
+    finally:
+        c.down()
+    assert created == [1, 1], (agents, created)
+    assert ("[kdpipe] warning: 2 Ray nodes on host" in logs and "share the temp dir" in logs
+            and "ray start --temp-dir" in logs), logs[-3000:]
+    s = _summary(logs)
+    assert s["shards_done"] == 4 and s["samples"] == 16 and s["errors"] == 0
+    run = SoftTargetRun(str(out))
+    keys = [k for n in run.shard_names for k in run.read_table(n).column("key").to_pylist()]
+    assert sorted(keys) == sorted(waves)  # every key exactly once
+    assert not (out / "_parts").exists()
