@@ -16,7 +16,8 @@ node ids they ran on.
 
 Isolation from the rest of the suite and from other Ray users on this machine: each node has its
 own --temp-dir under the cluster's root (so `ray.init()` elsewhere does not find it through
-/tmp/ray/ray_current_cluster), the cluster its own ports and its own token file; RAY_ADDRESS is never set in this process. Teardown kills
+/tmp/ray/ray_current_cluster; one test's nodes share one on purpose), the cluster its own ports
+and its own token file; RAY_ADDRESS is never set in this process. Teardown kills
 exactly this cluster's processes (the sessions of our `ray start` commands plus anything whose
 command line names our temp dir) and never runs `ray stop`: that matches processes by name and
 would kill every Ray on the machine, including the suite's local Ray.
@@ -118,9 +119,9 @@ class LocalCluster:
         # job's working_dir there (it unpacks with overwrite), deletes and rewrites the directory
         # the job's driver on the head is importing from (ModuleNotFoundError mid-run, seen in CI).
         # (shared_temp_dir: that situation, as `ray start` twice on one machine gives by default.)
-        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.node_cpus),
-                "--temp-dir", str(self.root / ("shared" if self.shared_temp_dir else name)), "--object-store-memory", str(150 * 1024 * 1024),
-                "--disable-usage-stats"]
+        temp = self.root / ("shared" if self.shared_temp_dir else name)
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.node_cpus), "--temp-dir", str(temp),
+                "--object-store-memory", str(150 * 1024 * 1024), "--disable-usage-stats"]
 
     def start(self, workers: int = 1) -> None:
         self._ray_start("head", [
