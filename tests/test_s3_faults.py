@@ -119,9 +119,9 @@ def test_write_access_lost_mid_run_ends_with_one_line(tmp_path, ray_local, s3_bu
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the proxy's endpoint included
     env["PYTHONPATH"] = str(REPO)
     # A job of its own (a rerun needs the failed job's process gone: its lease names its pid);
-    # a teacher of 0.5 s a batch, so the run outlasts the switch.
+    # a teacher of 1 s a batch (6 batches), so the run outlasts the switch.
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pseudo_label.py"), *argv, "--teacher",
-                             "tests.teacher_models:slow_audio_cnn?delay=0.5&width=8", "--trust-module",
+                             "tests.teacher_models:slow_audio_cnn?delay=1.0&width=8", "--trust-module",
                              "tests.teacher_models"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -145,7 +145,7 @@ def test_write_access_lost_mid_run_ends_with_one_line(tmp_path, ray_local, s3_bu
     assert denied >= 1
     run = SoftTargetRun(f"{base}/st")
     assert run.verify(deep=True) == {} and len(run.shard_names) < 3  # what it says it has, it has
-    assert pseudo_label([*argv, "--teacher", "tests.teacher_models:slow_audio_cnn?delay=0.5&width=8",
+    assert pseudo_label([*argv, "--teacher", "tests.teacher_models:slow_audio_cnn?delay=1.0&width=8",
                          "--trust-module", "tests.teacher_models"]) == 0
     run = SoftTargetRun(f"{base}/st")
     keys = [k for n in run.shard_names for k in run.read_table(n).column("key").to_pylist()]

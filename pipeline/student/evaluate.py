@@ -241,7 +241,6 @@ def evaluate(args, trust: tuple, data: DataPlan, tasks: list[ShardTask], soft_ru
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-
     init_ray(args.address, args.dashboard)
     DataContext.get_current().enable_progress_bars = False
     gpu = use_gpu(args.device)
