@@ -190,7 +190,8 @@ def cache_batches(cache: str, cfg: dict, max_rows: int) -> tuple:
     import pyarrow as pa
 
     from pipeline.shards import SoftTargetRun
-    from pipeline.student.data import ShardRows, collate
+    from pipeline.student.collate import collate
+    from pipeline.student.data import ShardRows
     from pipeline.student.plan import DataPlan
     from pipeline.modalities import preprocessing_from_dict
     from pipeline.teacher.decode import DecodeShards
@@ -310,7 +311,7 @@ def train_once(cfg: dict, args, work: str, name: str, extra: list[str], rep: int
             "samples_per_epoch": hist[-1]["samples"], "loss": hist[-1]["loss"],
             "data_wait_share": hist[-1].get("data_wait_share"),
             "phases": hist[-1].get("phases"), "phases_seconds": hist[-1].get("seconds"),
-            "first_step_s": hist[0].get("first_step_s"),
+            "startup_s": hist[0].get("startup_s"),
             "peak_driver_rss": r.tree.peak_driver_rss, "peak_worker_rss": r.tree.peak_worker_rss,
             "cpu_by_role": r.tree.cpu_by_role}
 
@@ -332,7 +333,7 @@ def aggregate(runs: list[dict]) -> dict:
             "peak_worker_rss": max(r["peak_worker_rss"] for r in runs), "repeats": len(runs),
             "loss": runs[-1]["loss"], "samples_per_epoch": runs[-1]["samples_per_epoch"],
             "data_wait_share": runs[-1]["data_wait_share"], "phases": runs[-1]["phases"],
-            "first_step_s": [r["first_step_s"] for r in runs],
+            "startup_s": [r["startup_s"] for r in runs],
             "phases_seconds": runs[-1]["phases_seconds"]}
 
 
@@ -494,7 +495,7 @@ def report(cfg: dict, costs: dict, table: dict, decode_task_ms: float | None) ->
         ph = v.get("phases")
         if ph:
             loop = ph["input_wait"] + ph["h2d"] + ph["step"]
-            print(f"  {k:<7} first optimizer step {', '.join(str(x) for x in v['first_step_s'])} s after the job "
+            print(f"  {k:<7} first optimizer step {', '.join(str(x) for x in v['startup_s'])} s after the job "
                   "started (each repeat)")
             print(f"  {k:<7} epoch {v['phases_seconds']:.2f}: input thread: block wait {ph['block_wait']:.2f}, shuffle "
                   f"{ph['shuffle']:.2f}, collate {ph['collate']:.2f} | loop: input wait {ph['input_wait']:.2f}, "

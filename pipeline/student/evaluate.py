@@ -33,7 +33,8 @@ from pipeline.models.spec import SpecError, check_trust_modules, parse_spec
 from pipeline.shards import FormatError, SoftTargetRun
 from pipeline.shards.manifest import MANIFEST_FILE
 from pipeline.storage import StorageError
-from pipeline.student.data import F0_FRAME_MS, ShardRows, collate
+from pipeline.student.collate import collate
+from pipeline.student.data import F0_FRAME_MS, ShardRows
 from pipeline.student.errors import data_error
 from pipeline.student.losses import kd_kl
 from pipeline.student.metrics import accuracy_counts, target_positions

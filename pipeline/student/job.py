@@ -361,8 +361,11 @@ def run(argv=None) -> int:
                                       "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
         return 0
     t0 = time.monotonic()
+    planned_s = time.time() - _process_start()  # imports and planning
     epochs_before = len(read_metrics(args.output))  # a resumed run: the epochs already recorded
     try:
+        init_ray(ex.address, ex.dashboard)  # timed here (fit's own call is then a no-op)
+        ray_s = time.monotonic() - t0
         result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache)
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
@@ -386,10 +389,18 @@ def run(argv=None) -> int:
     summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
                # from the process's start to its first optimizer step (this run's first epoch)
-               "first_step_s": (history[epochs_before:] or [{}])[0].get("first_step_s"),
+               "startup_s": (history[epochs_before:] or [{}])[0].get("startup_s"),
                "last": last}
+    first = ""
+    if summary["startup_s"] is not None:
+        # where it went: imports and planning, Ray's start (or connect), the rest is Ray Train's
+        # start (controller, worker group, DDP), the model's build and the first batch
+        train_start = summary["startup_s"] - planned_s - ray_s
+        summary["startup"] = {"plan_s": round(planned_s, 2), "ray_init_s": round(ray_s, 2),
+                              "train_start_s": round(train_start, 2)}
+        first = (f"; first step {summary['startup_s']} s after start (imports and plan {planned_s:.1f} s, Ray "
+                 f"{ray_s:.1f} s, Ray Train's start to the first batch {train_start:.1f} s)")
     loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "-"
-    first = f"; first step {summary['first_step_s']} s after start" if summary["first_step_s"] is not None else ""
     print(f"[train] done: epoch {last.get('epoch')} step {last.get('step')} loss {loss}{first}; final model in "
           f"{final_uri} (a valid --teacher and --checkpoint)", flush=True)
     print(json.dumps({"summary": summary}), flush=True)

@@ -96,43 +96,66 @@ def _compact(pos: np.ndarray, held: dict[int, pa.Table], new_id: int) -> tuple[n
 _END = object()
 
 
-def in_background(items: Iterable, depth: int = 2) -> Iterator:
+def in_background(items: Iterable, depth: int = 2) -> "Background":
     """Yield what ``items`` yields, computed in a daemon thread up to ``depth`` items ahead
     (shuffling and collating overlap the step, and on CUDA the device's queued kernels); an
-    exception in the thread is re-raised here. Leaving the loop early stops the thread."""
-    import queue
-    import threading
+    exception in the thread is re-raised here. The thread starts at once, so the first items
+    are on their way while the caller still sets up (the first epoch's input starts before the
+    model is built); ``close()`` stops it."""
+    return Background(items, depth)
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def put(x) -> bool:
-        while not stop.is_set():
+class Background:
+    """The iterator ``in_background`` returns."""
+
+    def __init__(self, items: Iterable, depth: int):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(items,), name="kdpipe-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, x) -> bool:
+        import queue
+
+        while not self._stop.is_set():
             try:
-                q.put(x, timeout=0.1)
+                self._q.put(x, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def run() -> None:
+    def _run(self, items: Iterable) -> None:
         try:
             for x in items:
-                if not put((x, None)):
+                if not self._put((x, None)):
                     return
-            put((_END, None))
+            self._put((_END, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((_END, e))
+            self._put((_END, e))
 
-    t = threading.Thread(target=run, name="kdpipe-batches", daemon=True)
-    t.start()
-    try:
-        while True:
-            x, err = q.get()
-            if x is _END:
-                if err is not None:
-                    raise err
-                return
-            yield x
-    finally:
-        stop.set()
+    def __iter__(self) -> "Background":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        x, err = self._q.get()
+        if x is _END:
+            self.close()
+            if err is not None:
+                raise err
+            raise StopIteration
+        return x
+
+    def close(self) -> None:
+        """Stop the thread (it ends within 0.1 s, or when its current item is done)."""
+        self._done = True
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()

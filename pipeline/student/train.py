@@ -23,12 +23,12 @@ from pipeline import storage
 from pipeline.models.runner import ModelRunner, unwrap
 from pipeline.models.spec import CHECKPOINT_WEIGHTS, build_model, parse_spec, save_checkpoint
 from pipeline.softtargets import topk_from_logits
-from pipeline.student.data import Collate
+from pipeline.student.collate import Collate
 from pipeline.student.errors import DataError, data_error
 from pipeline.student.losses import combine, distill_loss, hard_ce
 from pipeline.student.metrics import accuracy_counts, label_positions, target_positions
 from pipeline.student.plan import LossPlan, OptimPlan, StudentPlan
-from pipeline.student.shuffle import in_background, shuffled_batches
+from pipeline.student.shuffle import Background, in_background, shuffled_batches
 from pipeline.student.stats import EpochStats, StepStats
 
 # Ray Train tees print() on workers (it would show twice); its logging goes out once.
@@ -153,11 +153,40 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(optim.seed + rank)  # dropout and augmentation differ per rank
 
+    resumed = _checkpoint_state(rank)  # before the input starts: its epoch seeds the shuffle
+    step, epoch = (resumed[1]["step"], resumed[1]["epoch"]) if resumed else (0, 0)
+    history = json.loads(resumed[1]["history"]) if resumed else []
+    collate_fn = Collate(plan.data, pin=device.type == "cuda")
+    train_it = ray.train.get_dataset_shard("train")
+    eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+    max_steps = optim.max_steps
+
+    def epoch_input(epoch: int) -> tuple[float, EpochStats, Background]:
+        """(start time, stats, batches) of an epoch whose input is already on its way. Whole
+        blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
+        shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle says
+        why not Ray's local shuffle buffer)."""
+        t0, stats = time.monotonic(), EpochStats(device)
+        blocks = stats.timed(train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4),
+                             "block_wait")
+        collate = stats.call(collate_fn, "collate")
+        return t0, stats, in_background(collate(t) for t in stats.timed(shuffled_batches(
+            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
+
+    def running() -> bool:
+        return epoch < optim.epochs and not (max_steps and step >= max_steps)
+
+    # The first epoch's input starts before the model is built: a worker's Ray Data pipeline
+    # takes seconds to start (its coordinator actor, the decode workers), the model ~2 s on 2
+    # cores. That epoch's seconds include the model's build.
+    upcoming = epoch_input(epoch) if running() else None
+
     model = initial_model(plan).to(device)
     opt = make_optimizer(model.parameters(), optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, optim.warmup_steps, optim.total_steps, optim.min_lr_ratio))
-    step, epoch, history = _resume(model, opt, sched, rank)
+    if resumed:
+        _restore(resumed, model, opt, sched)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     runner = ModelRunner([model], plan.data.preprocessing, device, optim.precision)
     online = None
@@ -165,25 +194,13 @@ def train_loop(config: dict) -> None:
         online = ModelRunner.from_specs([plan.online_teacher], plan.trust, plan.data.preprocessing, device,
                                         optim.precision)
     step_loss = StepLoss(plan.loss, plan.data.teacher_stride)
-    collate_fn = Collate(plan.data, pin=device.type == "cuda")
-    train_it = ray.train.get_dataset_shard("train")
-    eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and optim.precision == "fp16")
-    max_steps = optim.max_steps
 
     model.train()
     started, first_step = config.get("started"), None
-    while epoch < optim.epochs and not (max_steps and step >= max_steps):
-        t0 = time.monotonic()
-        stats = EpochStats(device)
-        # Whole blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
-        # shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle
-        # says why not Ray's local shuffle buffer).
-        blocks = stats.timed(train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4),
-                             "block_wait")
-        collate = stats.call(collate_fn, "collate")
-        batches = in_background(collate(t) for t in stats.timed(shuffled_batches(
-            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
+    while running():
+        t0, stats, batches = upcoming or epoch_input(epoch)
+        upcoming = None
         while True:
             b = stats.call(_next_batch, "input_wait")(batches)
             if b is None:
@@ -204,7 +221,7 @@ def train_loop(config: dict) -> None:
         epoch += 1
         metrics = _epoch_metrics(epoch, step, stats.reduce(), sched.get_last_lr()[0], time.monotonic() - t0, world)
         if first_step is not None:  # this process's first epoch: from the driver's start to its first step
-            metrics["first_step_s"] = round(first_step, 2)
+            metrics["startup_s"] = round(first_step, 2)
             started = first_step = None
         if eval_it is not None:
             c, n = _all_reduce(list(evaluate_shard(runner, eval_it, plan, device, collate_fn)), device)
@@ -215,25 +232,30 @@ def train_loop(config: dict) -> None:
         _checkpoint_and_report(plan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
 
 
-def _resume(model, opt, sched, rank: int) -> tuple[int, int, list]:
-    """(step, epoch, metrics history) of the latest checkpoint Ray Train hands this worker,
-    its model, optimizer and schedule loaded; (0, 0, []) for a fresh run."""
+def _checkpoint_state(rank: int) -> tuple[dict, dict] | None:
+    """(model weights, train state: optimizer, scheduler, step, epoch, history) of the latest
+    checkpoint Ray Train hands this worker, on the CPU; None for a fresh run."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0, 0, []
+        return None
     with ckpt.as_directory() as d:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(os.path.join(d, CHECKPOINT_WEIGHTS)))
+        weights = load_file(os.path.join(d, CHECKPOINT_WEIGHTS))
         state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+    if rank == 0:
+        log.info(f"[train] resumed from {ckpt.path} at epoch {state['epoch']}, step {state['step']}")
+    return weights, state
+
+
+def _restore(resumed: tuple[dict, dict], model, opt, sched) -> None:
+    """Load ``_checkpoint_state``'s weights and optimizer / schedule into the fresh objects."""
+    weights, state = resumed
+    model.load_state_dict(weights)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    step, epoch = state["step"], state["epoch"]
-    if rank == 0:
-        log.info(f"[train] resumed from {ckpt.path} at epoch {epoch}, step {step}")
-    return step, epoch, json.loads(state["history"])
 
 
 def _next_batch(batches) -> dict | None:
@@ -277,6 +299,7 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
     and rewrites OUTPUT/metrics.jsonl (the history a resumed run continues from)."""
     import ray.train
 
+    lines = None
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0 and save:
@@ -287,7 +310,6 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
                         "history": json.dumps(history)}, os.path.join(d, TRAIN_STATE))
             checkpoint = Checkpoint.from_directory(d)
             lines = "".join(json.dumps(h) + "\n" for h in history)
-            storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
         if rank == 0:
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
@@ -295,9 +317,15 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
             wait = f"{metrics['data_wait_share']:.0%}" if metrics.get("data_wait_share") is not None else "-"
             log.info(f"[train] epoch {epoch}/{plan.optim.epochs} step {step} loss {metrics['loss']:.4f} ce {ce} "
                      f"kd {kd} lr {metrics['lr']:.2e} {metrics['samples_per_s']} samples/s, input wait {wait}{acc}"
-                     + (f"; first step {metrics['first_step_s']} s after the job started" if "first_step_s" in metrics
+                     + (f"; first step {metrics['startup_s']} s after the job started" if "startup_s" in metrics
                         else ""))
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    if lines is not None:
+        # metrics.jsonl never runs ahead of the checkpoint a rerun resumes from: report() has
+        # uploaded it, but a kill before the controller commits it replays the epoch. Written
+        # once the controller has committed it (and saved its state to the output).
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
 
 
 def read_metrics(output: str) -> list[dict]:

@@ -15,7 +15,8 @@ import torch
 from pipeline.modalities import preprocessing_from_dict
 from pipeline.shards import RunWriter, SoftTargetRun, rows_from_topk, table_from_rows
 from pipeline.softtargets import topk_from_logits
-from pipeline.student.data import LP_PAD, PairingError, ShardRows, collate, train_schema
+from pipeline.student.collate import collate
+from pipeline.student.data import LP_PAD, PairingError, ShardRows, train_schema
 from pipeline.student.plan import DataPlan
 from tests.helpers import image_bytes, write_tar
 
