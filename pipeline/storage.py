@@ -85,15 +85,28 @@ def _is_io_error(e: BaseException) -> bool:
     return isinstance(e, ValueError) and "protocol" in str(e).lower()
 
 
+def _missing_bucket(e: FileNotFoundError) -> bool:
+    """s3fs's FileNotFoundError for a bucket that does not exist (S3's NoSuchBucket), as when
+    it was deleted mid-run: a storage failure, not a missing file a caller can handle."""
+    cause = e.__cause__ or e.__context__
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    return code == "NoSuchBucket" or type(cause).__name__ == "NoSuchBucket"
+
+
 def _reaching(what: str):
     """Decorator: I/O failures of a storage function become one StorageError naming the URI
-    (its first argument); FileNotFoundError passes through unchanged."""
+    (its first argument); FileNotFoundError passes through unchanged, unless the bucket itself
+    is missing."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(uri, *args, **kwargs):
             try:
                 return fn(uri, *args, **kwargs)
-            except (FileNotFoundError, StorageError):
+            except FileNotFoundError as e:
+                if _missing_bucket(e):
+                    raise StorageError(f"{uri}: cannot {what} (NoSuchBucket: the bucket does not exist)") from None
+                raise
+            except StorageError:
                 raise
             except Exception as e:
                 if not _is_io_error(e):

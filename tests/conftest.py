@@ -74,8 +74,9 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        from pipeline.cli import embedded_runtime_env
+
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", runtime_env=embedded_runtime_env())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -175,3 +175,24 @@ def test_storage_failure_is_found_however_ray_wrapped_it():
     assert isinstance(remote, StorageError) and "\n" in str(remote)
     found = storage_failure(remote)
     assert str(found) == line and "permissions" in what_to_do(found)
+
+
+def test_a_deleted_bucket_is_a_storage_error_not_a_missing_file(s3_bucket):
+    """Issue 23: the output's bucket deleted mid-run. s3fs says FileNotFoundError, which
+    callers take for an absent file (and which reached the user as a Ray traceback); a missing
+    bucket is one StorageError line naming the URI, with what to do."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    storage.atomic_write_bytes(f"s3://{s3_bucket}/run/a.bin", b"1")
+    with pytest.raises(FileNotFoundError):  # a missing key in a bucket that exists: still absent
+        storage.read_bytes(f"s3://{s3_bucket}/run/nothing.bin")
+    fs.rm(s3_bucket, recursive=True)
+    fs.invalidate_cache()
+    for what, call in (("write", lambda uri: storage.atomic_write_bytes(uri, b"2")),
+                       ("read", storage.read_bytes)):
+        uri = f"s3://{s3_bucket}/run/a.bin"
+        with pytest.raises(storage.StorageError) as e:
+            call(uri)
+        assert str(e.value) == f"{uri}: cannot {what} (NoSuchBucket: the bucket does not exist)"
+        assert "create the bucket" in storage.what_to_do(e.value)

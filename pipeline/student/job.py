@@ -339,6 +339,7 @@ def _storage(output: str):
 
 def run(argv=None) -> int:
     """Entry point of jobs/train_student.py; returns the process exit code."""
+    started = _job_start()
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
@@ -361,12 +362,12 @@ def run(argv=None) -> int:
                                       "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
         return 0
     t0 = time.monotonic()
-    planned_s = time.time() - _process_start()  # imports and planning
+    planned_s = time.time() - started  # (imports and) planning
     epochs_before = len(read_metrics(args.output))  # a resumed run: the epochs already recorded
     try:
         init_ray(ex.address, ex.dashboard)  # timed here (fit's own call is then a no-op)
         ray_s = time.monotonic() - t0
-        result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache)
+        result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache, started)
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -407,10 +408,18 @@ def run(argv=None) -> int:
     return 0
 
 
-def _process_start() -> float:
+_jobs_started = 0
+
+
+def _job_start() -> float:
+    """When this job started (wall clock, for startup_s): its process's start for the first job
+    of a process (a command line: the imports count), else now (a recipe running several jobs
+    in one process)."""
+    global _jobs_started
     import psutil
 
-    return psutil.Process().create_time()
+    _jobs_started += 1
+    return psutil.Process().create_time() if _jobs_started == 1 else time.time()
 
 
 def exec_plan(args) -> StudentExec:
@@ -420,8 +429,9 @@ def exec_plan(args) -> StudentExec:
 
 
 def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: list[ShardTask],
-        cache: SoftTargetRun | None):
-    """Build the datasets and run the TorchTrainer; returns Ray Train's Result.
+        cache: SoftTargetRun | None, started: float | None = None):
+    """Build the datasets and run the TorchTrainer; returns Ray Train's Result. ``started``:
+    when the job started (wall clock), for the first epoch's startup_s.
 
     A worker-group failure is retried from the latest checkpoint up to --max-failures times
     (the same RunConfig resumes it), except a data error, which raises DataError at once."""
@@ -455,9 +465,9 @@ def fit(ex: StudentExec, sp: StudentPlan, tasks: list[ShardTask], eval_tasks: li
             datasets["eval"] = dataset(eval_tasks, shuffle=False, seed=0)
         trainer = TorchTrainer(
             train_loop,
-            # the driver process's start (wall clock): the first epoch's record says how long
-            # it took to the first optimizer step
-            train_loop_config={"plan": sp, "started": _process_start() if attempt == 0 else None},
+            # the job's start (wall clock): the first epoch's record says how long it took to
+            # the first optimizer step
+            train_loop_config={"plan": sp, "started": started if attempt == 0 else None},
             scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=gpu,
                                          resources_per_worker={"CPU": ex.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,

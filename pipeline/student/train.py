@@ -161,25 +161,13 @@ def train_loop(config: dict) -> None:
     eval_it = ray.train.get_dataset_shard("eval") if plan.has_eval else None
     max_steps = optim.max_steps
 
-    def epoch_input(epoch: int) -> tuple[float, EpochStats, Background]:
-        """(start time, stats, batches) of an epoch whose input is already on its way. Whole
-        blocks in (4 prefetched: they smooth over the gaps between blocks of the input),
-        shuffled and collated up to two batches ahead in a thread (pipeline.student.shuffle says
-        why not Ray's local shuffle buffer)."""
-        t0, stats = time.monotonic(), EpochStats(device)
-        blocks = stats.timed(train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4),
-                             "block_wait")
-        collate = stats.call(collate_fn, "collate")
-        return t0, stats, in_background(collate(t) for t in stats.timed(shuffled_batches(
-            blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
-
     def running() -> bool:
         return epoch < optim.epochs and not (max_steps and step >= max_steps)
 
-    # The first epoch's input starts before the model is built: a worker's Ray Data pipeline
-    # takes seconds to start (its coordinator actor, the decode workers), the model ~2 s on 2
-    # cores. That epoch's seconds include the model's build.
-    upcoming = epoch_input(epoch) if running() else None
+    # The first epoch's input starts before the model is built and DDP is set up: a worker's
+    # Ray Data pipeline takes seconds to start (its coordinator actor, the decode workers'
+    # processes), and both go on meanwhile. That epoch's seconds include the model's setup.
+    upcoming = _epoch_input(train_it, collate_fn, optim, epoch, rank, device) if running() else None
 
     model = initial_model(plan).to(device)
     opt = make_optimizer(model.parameters(), optim)
@@ -199,7 +187,7 @@ def train_loop(config: dict) -> None:
     model.train()
     started, first_step = config.get("started"), None
     while running():
-        t0, stats, batches = upcoming or epoch_input(epoch)
+        t0, stats, batches = upcoming or _epoch_input(train_it, collate_fn, optim, epoch, rank, device)
         upcoming = None
         while True:
             b = stats.call(_next_batch, "input_wait")(batches)
@@ -230,6 +218,20 @@ def train_loop(config: dict) -> None:
         last = epoch >= optim.epochs or bool(max_steps and step >= max_steps)
         save = last or epoch % optim.checkpoint_every == 0
         _checkpoint_and_report(plan, model, opt, sched, step, epoch, history, metrics, rank, Checkpoint, save)
+
+
+def _epoch_input(train_it, collate_fn: Collate, optim: OptimPlan, epoch: int, rank: int, device
+                 ) -> tuple[float, EpochStats, Background]:
+    """(start time, stats, batches) of an epoch whose input is already on its way. Whole blocks
+    in (4 prefetched: they smooth over the gaps between blocks of the input), shuffled and
+    collated up to two batches ahead in a thread (pipeline.student.shuffle says why not Ray's
+    local shuffle buffer)."""
+    t0, stats = time.monotonic(), EpochStats(device)
+    blocks = stats.timed(train_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4),
+                         "block_wait")
+    collate = stats.call(collate_fn, "collate")
+    return t0, stats, in_background(collate(t) for t in stats.timed(shuffled_batches(
+        blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
 
 
 def _checkpoint_state(rank: int) -> tuple[dict, dict] | None:

@@ -258,12 +258,13 @@ def ray_compactor(run_uri: str, facts):
     start-up (imports) every time, which costs more than compacting a small shard. No CPU is
     reserved: a compaction is a little I/O and a sort, and must never queue behind the decode
     tasks that fill every CPU. Pinned hard: SPREAD, and even soft node affinity, placed both of
-    a two-node cluster's compactors on the driver's node. A compaction whose actor died (its
-    node left) is resubmitted to the next compactor; with none left, to one placed anywhere."""
+    a two-node cluster's compactors on the driver's node. A compaction whose actor died or
+    cannot be restarted (its node left) is resubmitted to the next compactor; with none left,
+    to one placed anywhere."""
     import itertools
 
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorUnschedulableError, RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Compactor)
@@ -294,7 +295,8 @@ def ray_compactor(run_uri: str, facts):
             _, target, args = jobs[h]
             try:
                 done.append((h, ray.get(r)))
-            except RayActorError:
+            # its node is gone: the actor died, or (pinned there) can never be restarted
+            except (RayActorError, ActorUnschedulableError):
                 if target in pool:
                     pool.remove(target)
                 submit(h, args)
