@@ -339,7 +339,7 @@ def _storage(output: str):
 
 def run(argv=None) -> int:
     """Entry point of jobs/train_student.py; returns the process exit code."""
-    started = _job_start()
+    started = _job_start(argv)
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
@@ -362,11 +362,12 @@ def run(argv=None) -> int:
                                       "epoch": done.get("epoch"), "step": done.get("step"), "already_complete": True}}))
         return 0
     t0 = time.monotonic()
-    planned_s = time.time() - started  # (imports and) planning
     epochs_before = len(read_metrics(args.output))  # a resumed run: the epochs already recorded
+    planned_s = time.time() - started  # (imports and) planning
     try:
+        t_ray = time.monotonic()
         init_ray(ex.address, ex.dashboard)  # timed here (fit's own call is then a no-op)
-        ray_s = time.monotonic() - t0
+        ray_s = time.monotonic() - t_ray
         result = fit(ex, sp, setup.tasks, setup.eval_tasks, setup.cache, started)
     except DataError as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
@@ -389,7 +390,7 @@ def run(argv=None) -> int:
         ck_path = args.output.split("://", 1)[0] + "://" + ck_path
     summary = {"output": args.output, "final": final_uri, "checkpoint": ck_path,
                "epochs": last.get("epoch"), "steps": last.get("step"), "seconds": round(time.monotonic() - t0, 1),
-               # from the process's start to its first optimizer step (this run's first epoch)
+               # from the job's start to its first optimizer step (this run's first epoch)
                "startup_s": (history[epochs_before:] or [{}])[0].get("startup_s"),
                "last": last}
     first = ""
@@ -408,18 +409,15 @@ def run(argv=None) -> int:
     return 0
 
 
-_jobs_started = 0
-
-
-def _job_start() -> float:
-    """When this job started (wall clock, for startup_s): its process's start for the first job
-    of a process (a command line: the imports count), else now (a recipe running several jobs
-    in one process)."""
-    global _jobs_started
+def _job_start(argv) -> float:
+    """When this job started (wall clock, for startup_s): from the command line (``argv`` None:
+    sys.argv), its process's start, so that the imports count; called with arguments (a recipe
+    or a notebook running jobs in one process), now."""
+    if argv is not None:
+        return time.time()
     import psutil
 
-    _jobs_started += 1
-    return psutil.Process().create_time() if _jobs_started == 1 else time.time()
+    return psutil.Process().create_time()
 
 
 def exec_plan(args) -> StudentExec:

@@ -115,28 +115,11 @@ class Background:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
-        self._thread = threading.Thread(target=self._run, args=(items,), name="kdpipe-batches", daemon=True)
+        # The thread holds the queue and the event, not this object: dropped without close()
+        # (an exception in the caller), it is collected and __del__ stops the thread.
+        self._thread = threading.Thread(target=_fill, args=(items, self._q, self._stop), name="kdpipe-batches",
+                                        daemon=True)
         self._thread.start()
-
-    def _put(self, x) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, items: Iterable) -> None:
-        try:
-            for x in items:
-                if not self._put((x, None)):
-                    return
-            self._put((_END, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._put((_END, e))
 
     def __iter__(self) -> "Background":
         return self
@@ -159,3 +142,26 @@ class Background:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+def _fill(items: Iterable, q, stop) -> None:
+    """Background's thread: ``items`` into ``q`` (then _END, with the exception if one ended
+    them), until ``stop`` is set."""
+    import queue
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for x in items:
+            if not put((x, None)):
+                return
+        put((_END, None))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        put((_END, e))

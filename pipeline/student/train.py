@@ -153,7 +153,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(optim.seed + rank)  # dropout and augmentation differ per rank
 
-    resumed = _checkpoint_state(rank)  # before the input starts: its epoch seeds the shuffle
+    resumed = _checkpoint_state(rank, plan.output)  # before the input starts: its epoch seeds the shuffle
     step, epoch = (resumed[1]["step"], resumed[1]["epoch"]) if resumed else (0, 0)
     history = json.loads(resumed[1]["history"]) if resumed else []
     collate_fn = Collate(plan.data, pin=device.type == "cuda")
@@ -234,9 +234,12 @@ def _epoch_input(train_it, collate_fn: Collate, optim: OptimPlan, epoch: int, ra
         blocks, optim.batch_size, optim.shuffle_buffer, seed=optim.seed + 1000 * epoch + rank), "shuffle"))
 
 
-def _checkpoint_state(rank: int) -> tuple[dict, dict] | None:
+def _checkpoint_state(rank: int, output: str) -> tuple[dict, dict] | None:
     """(model weights, train state: optimizer, scheduler, step, epoch, history) of the latest
-    checkpoint Ray Train hands this worker, on the CPU; None for a fresh run."""
+    checkpoint Ray Train hands this worker, on the CPU; None for a fresh run. Rank 0 rewrites
+    OUTPUT/metrics.jsonl from its history: committed by definition, and a kill between the
+    commit and the file's write would otherwise leave the file behind (for good, if it was the
+    last epoch's)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -249,6 +252,7 @@ def _checkpoint_state(rank: int) -> tuple[dict, dict] | None:
         state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
     if rank == 0:
         log.info(f"[train] resumed from {ckpt.path} at epoch {state['epoch']}, step {state['step']}")
+        write_metrics(output, json.loads(state["history"]))
     return weights, state
 
 
@@ -311,7 +315,7 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
                         "history": json.dumps(history)}, os.path.join(d, TRAIN_STATE))
             checkpoint = Checkpoint.from_directory(d)
-            lines = "".join(json.dumps(h) + "\n" for h in history)
+            lines = history
         if rank == 0:
             ce = f"{metrics['ce']:.4f}" if metrics["ce"] is not None else "-"
             kd = f"{metrics['kd']:.4f}" if metrics["kd"] is not None else "-"
@@ -325,9 +329,18 @@ def _checkpoint_and_report(plan: StudentPlan, model, opt, sched, step, epoch, hi
     if lines is not None:
         # metrics.jsonl never runs ahead of the checkpoint a rerun resumes from: report() has
         # uploaded it, but a kill before the controller commits it replays the epoch. Written
-        # once the controller has committed it (and saved its state to the output).
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        storage.atomic_write_bytes(storage.join(plan.output, METRICS_FILE), lines.encode())
+        # once the controller has committed it (and saved its state to the output); not if the
+        # report was rolled back (a worker-group reset) and this epoch's checkpoint is not there.
+        committed = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if any((c.metrics or {}).get("epoch") == epoch for c in committed):
+            write_metrics(plan.output, lines)
+
+
+def write_metrics(output: str, history: list[dict]) -> None:
+    """OUTPUT/metrics.jsonl: one JSON line per epoch of ``history`` (replaces the file)."""
+    storage.atomic_write_bytes(storage.join(output, METRICS_FILE),
+                               "".join(json.dumps(h) + "\n" for h in history).encode())
 
 
 def read_metrics(output: str) -> list[dict]:
